@@ -1,0 +1,84 @@
+"""`prunetune` command line: search, front.
+
+Exit codes: 0 success, 1 the search ran but failed, 2 bad input (config, arguments,
+unknown experiment). Heavy imports (torch, ray, mlflow) happen only after the input is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import version
+
+from rich.console import Console
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunetune", description="Search for deployable pruned subnetworks.")
+    p.add_argument("--version", action="version", version=f"prunetune {version('prunetune')}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("search", help="run a pruning search from an experiment YAML")
+    s.add_argument("config", help="experiment YAML (see docs/config.md)")
+    f = sub.add_parser("front", help="print the Pareto front of an experiment's latest search")
+    f.add_argument("experiment", help="MLflow experiment name (the config's `name` by default)")
+    f.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
+    return p
+
+
+def cmd_search(args, console: Console) -> int:
+    from prunetune.search.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        console.print(f"[red]config error[/] {err}", highlight=False)
+        return EXIT_BAD_INPUT
+    from prunetune.search.front import print_front
+    from prunetune.search.runner import run_search
+    from prunetune.search.tracking import default_uri
+
+    outcome = run_search(cfg, console=console)
+    uri = cfg.tracking.uri or default_uri()
+    print_front(outcome.front_doc, console, title=f"{cfg.name}: Pareto front")
+    console.print(f"search finished in {outcome.wall_s:.0f}s; Ray results: {outcome.storage}")
+    console.print(f"MLflow: experiment {cfg.experiment_name!r}, parent run {outcome.target.parent_run_id}")
+    console.print(f"  show again:  prunetune front {cfg.experiment_name}" +
+                  ("" if cfg.tracking.uri is None else f" --tracking-uri {uri}"))
+    if uri.startswith("sqlite:"):
+        console.print(f"  browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    if not outcome.front:
+        console.print("[red]no trial finished[/]; see the errors above")
+        return 1
+    return 0
+
+
+def cmd_front(args, console: Console) -> int:
+    from prunetune.search.front import FrontNotFound, load_front, print_front
+    from prunetune.search.tracking import default_uri
+
+    uri = args.tracking_uri or default_uri()
+    try:
+        doc, run_id = load_front(uri, args.experiment)
+    except FrontNotFound as err:
+        console.print(f"[red]error[/] {err} at {uri}", highlight=False)
+        return EXIT_BAD_INPUT
+    print_front(doc, console, title=f"{args.experiment}: Pareto front (run {run_id})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    handler = {"search": cmd_search, "front": cmd_front}[args.command]
+    return handler(args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The experiment config: one YAML file parsed into pydantic models.
+
+Everything is validated before Ray or MLflow start and before anything is written. A bad
+config raises `ConfigError`, whose message names each offending key path
+(e.g. `space.channel_ratio.low`); the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prunetune.spaces import SpaceConfig
+from prunetune.trainers.data import DataConfig
+from prunetune.trainers.models import is_known_model, model_names
+from prunetune.trainers.recipe import TrainRecipe
+
+METRICS = ("val_acc", "macs", "params")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; `str()` is the message shown to the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="`cifar:resnet20`, `torchvision:resnet18`, ...")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if not is_known_model(v):
+            raise ValueError(f"unknown model {v!r}; registered: {', '.join(model_names())}, "
+                             "or torchvision:<name>")
+        return v
+
+
+class ParentConfig(_Strict):
+    checkpoint: Path | None = Field(default=None, description="state_dict (.pt/.pth/.safetensors) of a trained parent")
+    recipe: TrainRecipe = Field(default_factory=lambda: TrainRecipe(epochs=15, lr=0.1))
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
+class Objective(_Strict):
+    metric: Literal["val_acc", "macs", "params"]
+    mode: Literal["max", "min"]
+
+
+class BudgetConfig(_Strict):
+    trials: int = Field(default=12, ge=1)
+    concurrency: int = Field(default=2, ge=1)
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+
+class SamplerConfig(_Strict):
+    name: Literal["nsga2", "tpe", "random"] = "nsga2"
+    population_size: int | None = Field(default=None, ge=2,
+                                        description="NSGA-II generation size; default max(4, trials // 3)")
+
+
+class ResourcesConfig(_Strict):
+    cpu: float = Field(default=1, gt=0)
+    gpu: float = Field(default=0, ge=0)
+
+
+class ProbesConfig(_Strict):
+    size: int = Field(default=256, ge=8, description="validation images used as CKA probes")
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite:///mlflow.db in the working directory")
+    experiment: str | None = Field(default=None, description="MLflow experiment name; default: the config's name")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(default=None, description="existing cluster (ray://... or HOST:PORT); none = embedded local Ray")
+    storage_path: Path = Path("ray_results")
+    reuse_actors: bool = True
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    parent: ParentConfig = Field(default_factory=ParentConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    objectives: list[Objective] = Field(default_factory=lambda: [
+        Objective(metric="val_acc", mode="max"), Objective(metric="macs", mode="min")])
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    finetune: TrainRecipe = Field(default_factory=TrainRecipe)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    cache_dir: Path | None = Field(default=None, description="parent/data cache; default $PRUNETUNE_CACHE or ~/.cache/prunetune")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError("use letters, digits, '_', '-' and '.' only")
+        return v
+
+    @model_validator(mode="after")
+    def _objectives(self):
+        metrics = [o.metric for o in self.objectives]
+        if len(self.objectives) < 2 or len(set(metrics)) != len(metrics):
+            raise ValueError("objectives: need at least two distinct metrics, e.g. val_acc/max and macs/min")
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Relative file paths in a config are relative to the config file's folder."""
+    def fix(section: dict | None, key: str):
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            p = Path(section[key]).expanduser()
+            section[key] = str(p if p.is_absolute() else (base / p))
+    fix(raw.get("data"), "root")
+    fix(raw.get("parent"), "checkpoint")
+    return raw
+
+
+def parse_config(raw: object, *, source: str = "<config>", base: Path | None = None) -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
+    if base is not None:
+        raw = _resolve_paths(dict(raw), base)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        n = err.error_count()
+        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''} in the config\n{_format(err)}") from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, source=str(path), base=path.resolve().parent)

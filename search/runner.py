@@ -1,0 +1,165 @@
+"""One search, driver side: parent -> MLflow parent run -> Ray Tune + Optuna -> Pareto front.
+
+Config validation has already happened (`search.config.load_config`); nothing here runs
+for a bad config.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+from prunetune.search.config import ExperimentConfig
+from prunetune.search.front_report import write_front_artifacts
+from prunetune.search.pareto import Objective, non_dominated_sort
+from prunetune.search.progress import SearchProgress
+from prunetune.search.samplers import make_sampler
+from prunetune.search.tracking import TrackingTarget, default_uri, log_metrics, retry, start_search_run
+from prunetune.search.trainable import SearchContext, run_trial
+from prunetune.spaces import discover, measure_cost, optuna_distributions
+from prunetune.trainers.data import load_splits
+from prunetune.trainers.parent import get_parent
+
+FRONT_ARTIFACTS = "front"
+
+
+@dataclass
+class SearchOutcome:
+    target: TrackingTarget
+    records: list[dict]
+    front: list[dict]
+    hypervolume: float | None
+    front_doc: dict
+    wall_s: float
+    storage: Path
+
+
+def cache_dir_for(cfg: ExperimentConfig) -> Path:
+    if cfg.cache_dir is not None:
+        return cfg.cache_dir.expanduser().resolve()
+    env = os.environ.get("PRUNETUNE_CACHE")
+    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "prunetune"
+
+
+def _objectives(cfg: ExperimentConfig) -> list[Objective]:
+    return [Objective(o.metric, o.mode) for o in cfg.objectives]
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> SearchOutcome:
+    console = console or Console()
+    _quiet_libraries()
+    t0 = time.monotonic()
+    cache = cache_dir_for(cfg)
+    uri = cfg.tracking.uri or default_uri()
+    console.print(f"[bold]prunetune search[/] {cfg.name}: {cfg.model.name} on {cfg.data.name}, "
+                  f"{cfg.budget.trials} trials, {cfg.budget.concurrency} at a time, sampler {cfg.sampler.name}")
+
+    splits = load_splits(cfg.data, seed=cfg.seed, cache_dir=cache)
+    console.print(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+                  f"{splits.in_channels}x{splits.image_size}x{splits.image_size}, {splits.num_classes} classes")
+
+    def parent_epoch(s):
+        console.print(f"  parent epoch {s.epoch}/{cfg.parent.recipe.epochs}: val_acc {s.val_acc:.3f} "
+                      f"loss {s.train_loss:.3f} ({s.seconds:.1f}s)", highlight=False)
+
+    console.print("parent: " + ("loading checkpoint" if cfg.parent.checkpoint else "training or loading from cache"))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    parent, info = get_parent(cfg.model.name, cfg.data, splits, cfg.parent.recipe, seed=cfg.seed,
+                              cache_dir=cache, checkpoint=cfg.parent.checkpoint, on_epoch=parent_epoch)
+    pcost = measure_cost(parent, in_channels=splits.in_channels, resolution=splits.image_size)
+    parent_rec = {"val_acc": info.val_acc, "test_acc": info.test_acc, "macs": pcost.macs, "params": pcost.params}
+    console.print(f"parent {info.parent_id} ({info.source}): val_acc {info.val_acc:.3f}, test_acc "
+                  f"{info.test_acc:.3f}, {pcost.macs / 1e6:.2f}M MACs, {pcost.params / 1e6:.3f}M params")
+
+    target = start_search_run(uri, cfg.experiment_name, run_name=f"{cfg.name}-search", params={
+        "model": cfg.model.name, "data": cfg.data.name, "trials": cfg.budget.trials,
+        "concurrency": cfg.budget.concurrency, "sampler": cfg.sampler.name, "seed": cfg.seed,
+        "parent_id": info.parent_id, "objectives": ",".join(f"{o.metric}:{o.mode}" for o in cfg.objectives)},
+        tags={"prunetune.config_name": cfg.name})
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    log_metrics(client, target.parent_run_id, {f"parent_{k}": v for k, v in parent_rec.items()}, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        retry(lambda: client.log_artifacts(target.parent_run_id, tmp))
+
+    from prunetune.cluster.connect import connect
+    connect(cfg.ray.address)
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    objectives = _objectives(cfg)
+    distributions = optuna_distributions(discover(parent), cfg.space)
+    searcher = OptunaSearch(distributions, metric=[o.metric for o in objectives],
+                            mode=[o.mode for o in objectives], sampler=make_sampler(cfg))
+    ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
+                        parent_id=info.parent_id, cache_dir=str(cache), target=target)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                    {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    progress = SearchProgress(objectives, cfg.budget.trials, console)
+    storage = cfg.ray.storage_path.expanduser().resolve()
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.budget.trials,
+                                    max_concurrent_trials=cfg.budget.concurrency,
+                                    reuse_actors=cfg.ray.reuse_actors,
+                                    time_budget_s=cfg.budget.time_budget_s),
+        run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=0,
+                                  callbacks=[progress], log_to_file=True),
+    )
+    console.print(f"search space: {', '.join(distributions)}")
+    tuner.fit()
+
+    records = list(progress.records.values())
+    outcome = _finish(cfg, client, target, records, objectives, parent_rec, storage / run_name, t0)
+    return outcome
+
+
+def _finish(cfg, client, target, records, objectives, parent_rec, storage, t0) -> SearchOutcome:
+    finished = [r for r in records if r.get("status") == "finished"]
+    ranks = non_dominated_sort([[r.get(o.metric) for o in objectives] for r in finished],
+                               [o.mode for o in objectives]) if finished else []
+    for r, rank in zip(finished, ranks):
+        r["pareto_rank"] = rank
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_front_artifacts(records, objectives, Path(tmp), title=f"{cfg.name}: Pareto front",
+                                      parent=parent_rec)
+        retry(lambda: client.log_artifacts(target.parent_run_id, tmp, FRONT_ARTIFACTS))
+        import json
+        doc = json.loads(Path(paths["json"]).read_text())
+    for r in finished:
+        run_id = r.get("mlflow_run_id")
+        if run_id:
+            retry(lambda: client.set_tag(run_id, "pareto_rank", str(r["pareto_rank"])))
+            retry(lambda: client.set_tag(run_id, "pareto_front", str(r["pareto_rank"] == 0).lower()))
+    hv = doc.get("hypervolume")
+    walls = [r for r in finished if r.get("wall_s") and r.get("compute_s") is not None]
+    summary = {"trials_finished": len(finished), "trials_failed": sum(r.get("status") == "error" for r in records),
+               "front_size": len(doc.get("front", [])), "search_wall_s": time.monotonic() - t0}
+    if hv is not None:
+        summary["hypervolume"] = hv
+    if walls:
+        summary["overhead_fraction"] = sum(1 - r["compute_s"] / r["wall_s"] for r in walls) / len(walls)
+        summary["trial_wall_s_mean"] = sum(r["wall_s"] for r in walls) / len(walls)
+    log_metrics(client, target.parent_run_id, summary, step=0)
+    status = "FINISHED" if finished else "FAILED"
+    retry(lambda: client.set_terminated(target.parent_run_id, status))
+    return SearchOutcome(target, records, doc.get("front", []), hv, doc, time.monotonic() - t0, storage)

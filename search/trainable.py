@@ -1,0 +1,113 @@
+"""The Ray Tune function trainable: one candidate -> Tune reports + an MLflow child run.
+
+The torch work lives in `trainers.trial.run_candidate`; this module only wires its events
+to `tune.report` (so schedulers can act after every step) and to MLflow (params = the full
+vector and recipe, metrics per epoch, the subnet as spec + safetensors weights).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from prunetune.search.config import ExperimentConfig
+from prunetune.search.tracking import ChildRun, TrackingTarget
+from prunetune.spaces import PruningVector, save_subnet
+from prunetune.trainers.data import load_splits, probe_indices
+from prunetune.trainers.models import build_model
+from prunetune.trainers.trial import CandidateSetup, Epoch, Finished, Materialized, run_candidate
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """Everything a trial needs besides its sampled vector; shipped through Ray's object store."""
+
+    config_json: str
+    parent_state: dict
+    parent_id: str
+    cache_dir: str
+    target: TrackingTarget
+
+
+def _device(cfg: ExperimentConfig) -> torch.device:
+    return torch.device("cuda") if cfg.resources.gpu > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector) -> CandidateSetup:
+    splits = load_splits(cfg.data, seed=cfg.seed, cache_dir=Path(ctx.cache_dir))
+    parent = build_model(cfg.model.name, in_channels=splits.in_channels, num_classes=splits.num_classes)
+    parent.load_state_dict(ctx.parent_state)
+    parent.eval()
+    idx = probe_indices(len(splits.val), cfg.probes.size, cfg.seed)
+    probes = torch.stack([splits.val[int(i)][0] for i in idx])
+    return CandidateSetup(parent=parent, parent_id=ctx.parent_id, splits=splits, probes=probes,
+                          vector=vector, recipe=cfg.finetune, importance=cfg.space.importance,
+                          round_to=cfg.space.round_to, seed=cfg.seed, device=_device(cfg))
+
+
+def trial_params(cfg: ExperimentConfig, vector: PruningVector) -> dict:
+    recipe = {f"finetune.{k}": v for k, v in cfg.finetune.model_dump().items()}
+    return {**vector.to_flat(), **recipe, "importance": cfg.space.importance,
+            "round_to": cfg.space.round_to, "seed": cfg.seed, "model": cfg.model.name}
+
+
+def run_trial(config: dict, ctx: SearchContext) -> None:
+    """Ray Tune entry point (wrapped with `tune.with_parameters(run_trial, ctx=...)`)."""
+    t_start = time.perf_counter()
+    cfg = ExperimentConfig.model_validate_json(ctx.config_json)
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    vector = PruningVector.from_flat(config)
+    if vector.resolution is None and cfg.space.resolutions and len(cfg.space.resolutions) == 1:
+        vector = vector.model_copy(update={"resolution": cfg.space.resolutions[0]})
+    trial_id = tune.get_context().get_trial_id()
+    t_mlflow = time.perf_counter()
+    run = ChildRun(ctx.target, trial_id=trial_id, run_name=f"trial-{trial_id}")
+    run.params(trial_params(cfg, vector))
+    mlflow_s = time.perf_counter() - t_mlflow
+    setup = build_setup(cfg, ctx, vector)
+    setup_s = time.perf_counter() - t_start - mlflow_s
+    base: dict = {"mlflow_run_id": run.run_id}
+    compute_s = 0.0
+    status = "FAILED"
+    try:
+        for event in run_candidate(setup):
+            if isinstance(event, Materialized):
+                base.update(macs=event.cost.macs, params=event.cost.params, cka=event.cka["mean"],
+                            **{f"cka.{k}": v for k, v in event.cka.items() if k != "mean"})
+                metrics = {**base, "epoch": 0, "val_acc": event.val_acc, "val_loss": event.val_loss,
+                           "materialize_s": event.seconds}
+            elif isinstance(event, Epoch):
+                s = event.stats
+                compute_s += s.seconds
+                metrics = {**base, "epoch": s.epoch, "val_acc": s.val_acc, "val_loss": s.val_loss,
+                           "train_loss": s.train_loss}
+            else:
+                compute_s += event.seconds
+                metrics = {**base, "epoch": metrics["epoch"], "val_acc": metrics["val_acc"],
+                           "test_acc": event.test_acc, "test_loss": event.test_loss}
+            t0 = time.perf_counter()
+            run.metrics({k: v for k, v in metrics.items() if k != "mlflow_run_id"}, step=metrics["epoch"])
+            if isinstance(event, Finished):
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_subnet(Path(tmp), event.subnet.spec, event.subnet.module)
+                    run.artifacts(Path(tmp), "subnet")
+                    mlflow_s += time.perf_counter() - t0
+                    total = time.perf_counter() - t_start
+                    metrics.update(trial_s=total, compute_s=compute_s, mlflow_s=mlflow_s,
+                                   setup_s=setup_s, overhead_s=total - compute_s, done=True)
+                    run.metrics({"trial_s": total, "overhead_s": total - compute_s}, step=metrics["epoch"])
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            else:
+                mlflow_s += time.perf_counter() - t0
+                tune.report(metrics)
+        status = "FINISHED"
+    except BaseException:
+        status = "KILLED" if status != "FAILED" else "FAILED"
+        raise
+    finally:
+        run.end(status)

@@ -1,0 +1,48 @@
+"""Channel importance criteria, selectable by name.
+
+Each entry builds a torch-pruning importance that scores every channel of a DepGraph group
+(all coupled parameter slices together). Register a new criterion with
+`@register_importance("name")` and the registry-driven tests cover it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch_pruning as tp
+
+IMPORTANCES: dict[str, Callable[[], object]] = {}
+
+
+def register_importance(name: str):
+    def deco(factory):
+        IMPORTANCES[name] = factory
+        return factory
+    return deco
+
+
+def get_importance(name: str):
+    try:
+        return IMPORTANCES[name]()
+    except KeyError:
+        raise KeyError(f"unknown importance {name!r}; known: {sorted(IMPORTANCES)}") from None
+
+
+@register_importance("l1")
+def _l1():
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+@register_importance("l2")
+def _l2():
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@register_importance("bn_scale")
+def _bn_scale():
+    return tp.importance.BNScaleImportance()
+
+
+@register_importance("random")
+def _random():
+    return tp.importance.RandomImportance()

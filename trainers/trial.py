@@ -1,0 +1,87 @@
+"""One candidate, start to finish, as a stream of events (pure torch: no Ray, no MLflow).
+
+materialize the vector -> cost and CKA to the parent on the probes (before any training)
+-> fine-tune, one event per epoch -> test accuracy and the subnet. The search layer turns
+these events into Ray Tune reports and MLflow logs, and may stop consuming at any point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunetune.spaces import Cost, PruningVector, Subnet, discover, materialize, measure_cost
+from prunetune.trainers.data import DataSplits
+from prunetune.trainers.finetune import EpochStats, evaluate, train_epochs
+from prunetune.trainers.probes import cka_to_parent, probe_features
+from prunetune.trainers.recipe import TrainRecipe
+
+
+@dataclass(frozen=True)
+class CandidateSetup:
+    parent: nn.Module
+    parent_id: str
+    splits: DataSplits
+    probes: torch.Tensor            # (n, C, H, W) fixed validation images
+    vector: PruningVector
+    recipe: TrainRecipe
+    importance: str = "l2"
+    round_to: int = 1
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Materialized:
+    cost: Cost
+    cka: dict[str, float]
+    val_acc: float                  # accuracy right after pruning, before fine-tuning
+    val_loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Epoch:
+    stats: EpochStats
+
+
+@dataclass(frozen=True)
+class Finished:
+    subnet: Subnet
+    test_acc: float
+    test_loss: float
+    seconds: float
+
+
+def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Finished]:
+    t0 = time.perf_counter()
+    splits = setup.splits
+    subnet = materialize(setup.parent, setup.vector, in_channels=splits.in_channels,
+                         native_resolution=splits.image_size, importance=setup.importance,
+                         round_to=setup.round_to, parent_id=setup.parent_id, seed=setup.seed)
+    res = subnet.spec.resolution
+    cost = measure_cost(subnet.module, in_channels=splits.in_channels, resolution=res)
+    stages = _stage_names(setup.parent)
+    parent_feats = probe_features(setup.parent, setup.probes, stages)
+    child_feats = probe_features(subnet.module, setup.probes, stages, resolution=res)
+    cka = cka_to_parent(parent_feats, child_feats)
+    model = subnet.module.to(setup.device)
+    val_acc, val_loss = evaluate(model, splits.val, device=setup.device, resolution=res)
+    yield Materialized(cost, cka, val_acc, val_loss, time.perf_counter() - t0)
+
+    torch.manual_seed(setup.seed)
+    for stats in train_epochs(model, splits.train, splits.val, setup.recipe,
+                              device=setup.device, resolution=res, seed=setup.seed):
+        yield Epoch(stats)
+    t1 = time.perf_counter()
+    test_acc, test_loss = evaluate(model, splits.test, device=setup.device, resolution=res)
+    model.cpu().eval()
+    yield Finished(subnet, test_acc, test_loss, time.perf_counter() - t1)
+
+
+def _stage_names(model: nn.Module) -> list[str]:
+    return list(discover(model).stage_names)
