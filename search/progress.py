@@ -76,7 +76,7 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         rec = self.records.setdefault(trial.trial_id, {"trial_id": trial.trial_id, **trial.config})
-        rec["status"] = "finished" if rec.get("done") else "stopped"
+        rec["status"] = "finished" if rec.get("trial_complete") else "stopped"
         self.wall[trial.trial_id] = time.monotonic() - self.started.get(trial.trial_id, self.t0)
         rec["wall_s"] = self.wall[trial.trial_id]
         self._line(f"[bold]{trial.trial_id} {rec['status']}[/]: {_fmt_point(rec, self.objectives)}  "

@@ -21,7 +21,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder"]
+    name: str = Field(description="a registered dataset: digits, fashion-mnist, cifar10, cifar100, imagefolder")
     download: bool = False
     root: Path | None = Field(default=None, validate_default=True)
     image_size: int | None = Field(default=None, ge=1, validate_default=True)
@@ -56,11 +55,18 @@ class DataConfig(BaseModel):
     limit_train: int | None = Field(default=None, ge=10)
     batch_size: int = Field(default=128, ge=1)
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in _DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(sorted(_DATASETS))}")
+        return name
+
     @field_validator("root")
     @classmethod
     def _check_root(cls, root: Path | None, info: ValidationInfo) -> Path | None:
         name = info.data.get("name")
-        if name is None or name == "digits":
+        if name is None or name in _ROOTLESS:
             return root
         if root is None:
             raise ValueError(f"root is required for dataset {name!r}")
@@ -97,19 +103,22 @@ class DataSplits:
 DatasetLoader = Callable[..., DataSplits]
 
 _DATASETS: dict[str, DatasetLoader] = {}
+_ROOTLESS: set[str] = set()  # datasets that ship with a package and need no root
 
 
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+def register_dataset(name: str, *, needs_root: bool = True) -> Callable[[DatasetLoader], DatasetLoader]:
     """Register ``loader(cfg, *, seed, cache_dir) -> DataSplits`` under ``name``.
 
-    ``load_splits`` dispatches on ``cfg.name``; a config can only name a dataset listed in
-    ``DataConfig.name``, so a new built-in is added there too.
+    ``load_splits`` dispatches on ``cfg.name`` and ``DataConfig`` accepts any registered
+    name; ``needs_root=False`` for data a package ships (no ``root`` key required).
     """
 
     def decorator(loader: DatasetLoader) -> DatasetLoader:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
         _DATASETS[name] = loader
+        if not needs_root:
+            _ROOTLESS.add(name)
         return loader
 
     return decorator
@@ -233,7 +242,7 @@ def _official_test_splits(
     return _tensor_splits(parts, mean=mean, std=std, num_classes=num_classes)
 
 
-@register_dataset("digits")
+@register_dataset("digits", needs_root=False)
 def _digits(cfg: DataConfig, *, seed: int, cache_dir: Path) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (offline); normalised by the train split's stats."""
     from sklearn.datasets import load_digits
