@@ -14,9 +14,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prunetune.spaces import SpaceConfig
+from prunetune.spaces import SpaceConfig, discover
 from prunetune.trainers.data import DataConfig
-from prunetune.trainers.models import is_known_model, model_names
+from prunetune.trainers.models import build_model, is_known_model, model_names
 from prunetune.trainers.recipe import TrainRecipe
 
 METRICS = ("val_acc", "macs", "params")
@@ -39,12 +39,17 @@ class ModelConfig(_Strict):
         if not is_known_model(v):
             raise ValueError(f"unknown model {v!r}; registered: {', '.join(model_names())}, "
                              "or torchvision:<name>")
+        try:
+            discover(build_model(v, in_channels=3, num_classes=10))
+        except ValueError as err:
+            raise ValueError(f"{v!r} cannot be searched yet: {err}") from None
         return v
 
 
 class ParentConfig(_Strict):
     checkpoint: Path | None = Field(default=None, description="state_dict (.pt/.pth/.safetensors) of a trained parent")
-    recipe: TrainRecipe = Field(default_factory=lambda: TrainRecipe(epochs=15, lr=0.1))
+    recipe: TrainRecipe = Field(default_factory=lambda: TrainRecipe(epochs=15),
+                                description="how the parent is trained when no checkpoint is given")
 
     @field_validator("checkpoint")
     @classmethod
@@ -101,7 +106,7 @@ class ExperimentConfig(_Strict):
     objectives: list[Objective] = Field(default_factory=lambda: [
         Objective(metric="val_acc", mode="max"), Objective(metric="macs", mode="min")])
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
-    finetune: TrainRecipe = Field(default_factory=TrainRecipe)
+    finetune: TrainRecipe = Field(default_factory=TrainRecipe, description="each candidate's fine-tune after pruning")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)

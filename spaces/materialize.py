@@ -65,9 +65,11 @@ def validate_vector(vector: PruningVector, space: ModelSpace) -> None:
 
 
 def kept_channels(n: int, ratio: float, round_to: int = 1) -> int:
+    """Channels kept of `n` at keep `ratio`: ceil(ratio * n), then to the nearest multiple of
+    `round_to` (halves round up), never below `round_to` nor above `n`."""
     k = max(1, math.ceil(ratio * n - 1e-9))
     if round_to > 1:
-        k = min(n, max(round_to, round(k / round_to) * round_to))
+        k = min(n, max(round_to, math.floor(k / round_to + 0.5) * round_to))
     return k
 
 
@@ -159,6 +161,7 @@ def materialize(
         parent_id=parent_id, parent_hash=state_hash(parent), vector=vector,
         widths=_widths(model), removed_blocks=removed, resolution=resolution,
         in_channels=in_channels, native_resolution=native_resolution,
+        round_to=round_to, importance=importance, seed=seed,
     )
     return Subnet(module=model, spec=spec)
 
@@ -176,11 +179,15 @@ def rebuild(skeleton: nn.Module, spec: SubnetSpec) -> nn.Module:
         raise PruningError(f"removed_blocks: spec says {spec.removed_blocks}, replay gives {removed}")
     dg = tp.DependencyGraph().build_dependency(
         model, example_inputs=_example(spec.in_channels, spec.native_resolution))
-    for name, _ in _conv_targets(space, spec.vector, removed):
+    for name, ratio in _conv_targets(space, spec.vector, removed):
         conv = model.get_submodule(name)
         if name not in spec.widths:
             raise PruningError(f"widths.{name}: missing from the spec")
-        _prune_out(dg, conv, list(range(spec.widths[name], conv.out_channels)), name)
+        expected = kept_channels(conv.out_channels, ratio, spec.round_to)
+        if spec.widths[name] != expected:
+            raise PruningError(f"widths.{name}: spec says {spec.widths[name]} channels, its vector "
+                               f"gives {expected} (ratio {ratio}, round_to {spec.round_to})")
+        _prune_out(dg, conv, list(range(expected, conv.out_channels)), name)
     got = _widths(model)
     if got != dict(spec.widths):
         diff = sorted(k for k in set(got) | set(spec.widths) if got.get(k) != spec.widths.get(k))

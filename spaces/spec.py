@@ -32,6 +32,9 @@ class SubnetSpec(BaseModel):
     resolution: int
     in_channels: int
     native_resolution: int
+    round_to: int = 1
+    importance: str = "l2"      # provenance: which criterion chose the kept channels
+    seed: int = 0
 
 
 def save_subnet(out_dir: Path, spec: SubnetSpec, module: torch.nn.Module) -> Path:

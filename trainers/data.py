@@ -47,13 +47,15 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="a registered dataset: digits, fashion-mnist, cifar10, cifar100, imagefolder")
-    download: bool = False
-    root: Path | None = Field(default=None, validate_default=True)
-    image_size: int | None = Field(default=None, ge=1, validate_default=True)
-    val_fraction: float = Field(default=0.1, gt=0, le=0.5)
-    test_fraction: float = Field(default=0.2, gt=0, le=0.5)
-    limit_train: int | None = Field(default=None, ge=10)
-    batch_size: int = Field(default=128, ge=1)
+    download: bool = Field(default=False, description="let torchvision download cifar10/cifar100/fashion-mnist into root")
+    root: Path | None = Field(default=None, validate_default=True,
+                              description="dataset folder (torchvision layout; imagefolder: root/train[, root/test]); not needed for digits")
+    image_size: int | None = Field(default=None, ge=1, validate_default=True,
+                                   description="resize images to this square size once at load; the parent's native resolution")
+    val_fraction: float = Field(default=0.1, gt=0, le=0.5, description="validation share carved from the training data (seeded)")
+    test_fraction: float = Field(default=0.2, gt=0, le=0.5, description="test share, only for data without an official test split")
+    limit_train: int | None = Field(default=None, ge=10, description="seeded subset of the training pool (before validation is carved)")
+    batch_size: int = Field(default=128, ge=1, description="evaluation batch size")
 
     @field_validator("name")
     @classmethod

@@ -10,9 +10,9 @@ class TrainRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(default=3, ge=0)
-    lr: float = Field(default=0.05, gt=0)
+    epochs: int = Field(default=3, ge=0, description="passes over the training split")
+    lr: float = Field(default=0.05, gt=0, description="initial SGD learning rate, cosine-annealed per step to 0")
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     nesterov: bool = True
-    batch_size: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=128, ge=1, description="training batch size")

@@ -50,6 +50,7 @@ BAD = [
     (with_(space__importance="magic"), "space.importance"),
     (with_(model__name="cifar:resnet21"), "model.name"),
     (with_(model__name="torchvision:not_a_net"), "model.name"),
+    (with_(model__name="torchvision:vgg11_bn"), "model.name: 'torchvision:vgg11_bn' cannot be searched yet"),
     (with_(parent__checkpoint="missing.pt"), "parent.checkpoint"),
     (with_(data={"name": "fashion-mnist", "root": "no/such/dir"}), "data.root"),
     (with_(data={"name": "fashion-mnist"}), "data.root"),
