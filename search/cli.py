@@ -1,4 +1,4 @@
-"""`prunetune` command line: search, front.
+"""`prunetune` command line: search, front, prune, verify.
 
 Exit codes: 0 success, 1 the search ran but failed, 2 bad input (config, arguments,
 unknown experiment). Heavy imports (torch, ray, mlflow) happen only after the input is valid.
@@ -24,6 +24,26 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("front", help="print the Pareto front of an experiment's latest search")
     f.add_argument("experiment", help="MLflow experiment name (the config's `name` by default)")
     f.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
+    pr = sub.add_parser("prune", help="prune one model into DIR: spec, weights, TorchScript, ONNX, cost")
+    pr.add_argument("model", help="cifar:resnet56, torchvision:NAME, or a module:function factory")
+    pr.add_argument("--out", required=True, help="output folder (created; must be empty)")
+    how = pr.add_mutually_exclusive_group()
+    how.add_argument("--channel-ratio", type=float, default=None, help="keep ratio for every channel stage")
+    how.add_argument("--vector", default=None, help="YAML/JSON PruningVector (channels/depth/heads/resolution)")
+    pr.add_argument("--head-ratio", type=float, default=None, help="keep ratio for attention heads")
+    pr.add_argument("--drop-blocks", type=int, default=0, help="removable blocks dropped per stage")
+    pr.add_argument("--resolution", type=int, default=None, help="input resolution of the subnet")
+    pr.add_argument("--checkpoint", default=None, help="parent weights (state_dict or .safetensors)")
+    pr.add_argument("--in-channels", type=int, default=3)
+    pr.add_argument("--num-classes", type=int, default=10)
+    pr.add_argument("--input-size", type=int, default=None, help="parent input size (default 32 cifar, 224 otherwise)")
+    pr.add_argument("--importance", default="l2", help="channel criterion: l1, l2, bn_scale, random")
+    pr.add_argument("--block-criterion", default="position", help="position or weight_norm")
+    pr.add_argument("--round-to", type=int, default=1, help="keep channel counts at multiples of this")
+    pr.add_argument("--batch", type=int, default=8, help="batch size of the second latency measurement")
+    pr.add_argument("--repeats", type=int, default=20, help="timed runs per latency measurement")
+    v = sub.add_parser("verify", help="rebuild DIR's subnet from spec + weights; check the exports agree")
+    v.add_argument("dir")
     return p
 
 
@@ -71,6 +91,11 @@ def cmd_front(args, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
+    if args.command in ("prune", "verify"):
+        from prunetune.search import prune_cmd
+
+        handler = prune_cmd.cmd_prune if args.command == "prune" else prune_cmd.cmd_verify
+        return prune_cmd.run(args, console, handler)
     handler = {"search": cmd_search, "front": cmd_front}[args.command]
     return handler(args, console)
 

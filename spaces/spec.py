@@ -35,6 +35,13 @@ class SubnetSpec(BaseModel):
     round_to: int = 1
     importance: str = "l2"      # provenance: which criterion chose the kept channels
     seed: int = 0
+    engine: str = "resnet-stages"  # "generic" for spaces.engine, which also records:
+    heads: dict[str, int] = {}          # attention module -> heads kept
+    groups: dict[str, int] = {}         # channel-group root -> channels kept
+    block_criterion: str = "position"
+    input_shape: list[int] = []
+    input_dtype: str = "float32"
+    parent_args: dict[str, int] = {}    # factory keywords used to build the parent (in_channels, num_classes)
 
 
 def save_subnet(out_dir: Path, spec: SubnetSpec, module: torch.nn.Module) -> Path:

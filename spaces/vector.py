@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CHANNEL_PREFIX = "ch."
 DEPTH_PREFIX = "depth."
+HEADS_PREFIX = "heads."
 RESOLUTION_KEY = "resolution"
 
 
@@ -28,11 +29,13 @@ class PruningVector(BaseModel):
 
     channels: dict[str, float] = Field(default_factory=dict)
     depth: dict[str, int] = Field(default_factory=dict)
+    heads: dict[str, float] = Field(default_factory=dict)
     resolution: int | None = None
 
     def to_flat(self) -> dict[str, Any]:
         flat: dict[str, Any] = {f"{CHANNEL_PREFIX}{k}": v for k, v in self.channels.items()}
         flat.update({f"{DEPTH_PREFIX}{k}": v for k, v in self.depth.items()})
+        flat.update({f"{HEADS_PREFIX}{k}": v for k, v in self.heads.items()})
         if self.resolution is not None:
             flat[RESOLUTION_KEY] = self.resolution
         return flat
@@ -44,6 +47,7 @@ class PruningVector(BaseModel):
                     if k.startswith(CHANNEL_PREFIX)}
         depth = {k[len(DEPTH_PREFIX):]: int(float(v)) for k, v in flat.items()
                  if k.startswith(DEPTH_PREFIX)}
+        heads = {k[len(HEADS_PREFIX):]: float(v) for k, v in flat.items() if k.startswith(HEADS_PREFIX)}
         res = flat.get(RESOLUTION_KEY)
-        return cls(channels=channels, depth=depth,
+        return cls(channels=channels, depth=depth, heads=heads,
                    resolution=None if res in (None, "None") else int(float(res)))

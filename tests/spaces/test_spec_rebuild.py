@@ -112,7 +112,7 @@ def test_subnet_json_round_trips_through_the_spec_model(saved):
     data = json.loads((out / SPEC_FILE).read_text())
     assert set(data) == set(SubnetSpec.model_fields)
     assert data["vector"] == {"channels": {"layer1": 0.5, "layer3": 0.3},
-                              "depth": {"layer2": 1}, "resolution": 12}
+                              "depth": {"layer2": 1}, "heads": {}, "resolution": 12}
     assert data["removed_blocks"] == ["layer2.1", "layer2.2"]
     assert SubnetSpec.model_validate(data) == sub.spec
     assert SubnetSpec.model_validate_json(sub.spec.model_dump_json()) == sub.spec
