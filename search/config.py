@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prunetune.spaces import SpaceConfig, discover
+from prunetune.spaces import SpaceConfig
 from prunetune.trainers.data import DataConfig
 from prunetune.trainers.models import build_model, is_known_model, model_names
 from prunetune.trainers.recipe import TrainRecipe
@@ -39,11 +39,23 @@ class ModelConfig(_Strict):
         if not is_known_model(v):
             raise ValueError(f"unknown model {v!r}; registered: {', '.join(model_names())}, "
                              "or torchvision:<name>")
-        try:
-            discover(build_model(v, in_channels=3, num_classes=10))
-        except ValueError as err:
-            raise ValueError(f"{v!r} cannot be searched yet: {err}") from None
         return v
+
+    def check_searchable(self, in_channels: int = 3, size: int = 32) -> None:
+        """Raise ValueError when the engine finds nothing to prune in this model."""
+        import warnings
+
+        import torch
+
+        from prunetune.spaces import describe
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = describe(build_model(self.name, in_channels=in_channels, num_classes=10),
+                         torch.zeros(1, in_channels, size, size))
+        if not any(c.groups or c.attention for c in s.channel_stages) and not s.depth_stages:
+            raise ValueError(f"{self.name!r}: the engine finds nothing to prune "
+                             f"({s.channel_error or 'no channel groups, heads or removable blocks'})")
 
 
 class ParentConfig(_Strict):
@@ -128,6 +140,16 @@ class ExperimentConfig(_Strict):
             raise ValueError("objectives: need at least two distinct metrics, e.g. val_acc/max and macs/min")
         return self
 
+    @model_validator(mode="after")
+    def _searchable(self):
+        size = self.data.image_size or (224 if self.model.name.startswith("torchvision:") else 32)
+        try:
+            self.model.check_searchable(in_channels=1 if self.data.name in ("digits", "fashion-mnist") else 3,
+                                        size=min(size, 64))
+        except ValueError as err:
+            raise ValueError(f"model.name: {err}") from None
+        return self
+
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
@@ -142,7 +164,7 @@ def _format(err: ValidationError) -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc}: {msg}" if e["loc"] else f"  {msg}")
     return "\n".join(lines)
 
 

@@ -45,9 +45,12 @@ def vector_summary(rec: dict) -> str:
     """Compact vector: channel keep ratios / blocks kept per stage, then the resolution."""
     ch = [f"{float(rec[k]):.2g}" for k in sorted(rec) if k.startswith("ch.")]
     depth = [str(int(float(rec[k]))) for k in sorted(rec) if k.startswith("depth.")]
+    heads = [f"{float(rec[k]):.2g}" for k in sorted(rec) if k.startswith("heads.")]
     parts = []
     if ch:
         parts.append("ch " + "/".join(ch))
+    if heads:
+        parts.append("h " + "/".join(heads))
     if depth:
         parts.append("d " + "/".join(depth))
     if rec.get("resolution") not in (None, ""):

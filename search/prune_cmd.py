@@ -23,7 +23,7 @@ from torch import nn
 from prunetune.spaces.cost import measure_full_cost
 from prunetune.spaces.engine import describe, example_from_spec, prune, rebuild
 from prunetune.spaces.export import FILE_NAMES, ONNX, TORCHSCRIPT, check_parity, export_all, parity_inputs
-from prunetune.spaces.materialize import PruningError
+from prunetune.spaces.common import PruningError
 from prunetune.spaces.spec import load_subnet, save_subnet
 from prunetune.spaces.vector import PruningVector
 from prunetune.trainers.models import build_model, is_known_model

@@ -23,7 +23,7 @@ from prunetune.search.progress import SearchProgress
 from prunetune.search.samplers import make_sampler
 from prunetune.search.tracking import TrackingTarget, default_uri, log_metrics, retry, start_search_run
 from prunetune.search.trainable import SearchContext, run_trial
-from prunetune.spaces import discover, measure_cost, optuna_distributions
+from prunetune.spaces import describe, measure_cost, optuna_distributions
 from prunetune.trainers.data import load_splits
 from prunetune.trainers.parent import get_parent
 
@@ -106,7 +106,8 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     from ray.tune.search.optuna import OptunaSearch
 
     objectives = _objectives(cfg)
-    distributions = optuna_distributions(discover(parent), cfg.space)
+    example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    distributions = optuna_distributions(describe(parent, example), cfg.space)
     searcher = OptunaSearch(distributions, metric=[o.metric for o in objectives],
                             mode=[o.mode for o in objectives], sampler=make_sampler(cfg))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),

@@ -47,13 +47,15 @@ def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector
     probes = torch.stack([splits.val[int(i)][0] for i in idx])
     return CandidateSetup(parent=parent, parent_id=ctx.parent_id, splits=splits, probes=probes,
                           vector=vector, recipe=cfg.finetune, importance=cfg.space.importance,
-                          round_to=cfg.space.round_to, seed=cfg.seed, device=_device(cfg))
+                          round_to=cfg.space.round_to, block_criterion=cfg.space.block_criterion,
+                          model_name=cfg.model.name, seed=cfg.seed, device=_device(cfg))
 
 
 def trial_params(cfg: ExperimentConfig, vector: PruningVector) -> dict:
     recipe = {f"finetune.{k}": v for k, v in cfg.finetune.model_dump().items()}
     return {**vector.to_flat(), **recipe, "importance": cfg.space.importance,
-            "round_to": cfg.space.round_to, "seed": cfg.seed, "model": cfg.model.name}
+            "round_to": cfg.space.round_to, "block_criterion": cfg.space.block_criterion,
+            "seed": cfg.seed, "model": cfg.model.name}
 
 
 def run_trial(config: dict, ctx: SearchContext) -> None:

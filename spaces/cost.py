@@ -45,6 +45,10 @@ def measure_cost(
 
     Give `in_channels` and `resolution` for one square image, or `example_input` for anything
     else (e.g. a (1, seq_len) tensor of token ids). The model itself is not changed.
+    Attention is counted through prunetune's equivalent attention modules (all heads kept):
+    torchvision's Swin computes its projections functionally, which the counter cannot see,
+    so parent and pruned subnet would otherwise be counted differently. The attention
+    matmuls themselves (QK^T, AV) are counted by neither.
     """
     if example_input is None:
         if in_channels is None or resolution is None:
@@ -52,7 +56,10 @@ def measure_cost(
         example_input = torch.zeros(1, in_channels, resolution, resolution)
     elif in_channels is not None or resolution is not None:
         raise ValueError("measure_cost takes example_input or in_channels/resolution, not both")
-    macs, params = tp.utils.count_ops_and_params(model, example_input.to(model_device(model)))
+    from prunetune.spaces.heads import find_attention, prune_heads
+
+    counted = prune_heads(model, 1.0) if find_attention(model) else model
+    macs, params = tp.utils.count_ops_and_params(counted, example_input.to(model_device(model)))
     return Cost(macs=int(macs), params=int(params))
 
 

@@ -7,9 +7,8 @@ from typing import Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prunetune.spaces.discovery import ModelSpace
 from prunetune.spaces.importance import IMPORTANCES
-from prunetune.spaces.vector import CHANNEL_PREFIX, DEPTH_PREFIX, RESOLUTION_KEY
+from prunetune.spaces.vector import CHANNEL_PREFIX, DEPTH_PREFIX, HEADS_PREFIX, RESOLUTION_KEY
 
 
 class RatioRange(BaseModel):
@@ -42,12 +41,15 @@ class SpaceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    channel_ratio: RatioRange = Field(default_factory=RatioRange)
-    depth: bool = True
-    min_blocks: int = Field(default=1, ge=1)
-    resolutions: list[int] | None = None
-    importance: str = "l2"
-    round_to: int = Field(default=1, ge=1)
+    channel_ratio: RatioRange = Field(default_factory=RatioRange, description="keep ratio per channel stage")
+    head_ratio: RatioRange = Field(default_factory=lambda: RatioRange(low=0.5, high=1.0, step=0.25),
+                                   description="keep ratio of attention heads per stage (transformers)")
+    depth: bool = Field(default=True, description="search blocks kept per stage (removable residual blocks)")
+    min_blocks: int = Field(default=1, ge=1, description="never keep fewer blocks than this in a stage")
+    resolutions: list[int] | None = Field(default=None, description="input resolutions to search; none = native only")
+    importance: str = Field(default="l2", description="channel criterion: l1, l2, bn_scale, random")
+    block_criterion: str = Field(default="position", description="which blocks go first: position, weight_norm, kl, cka")
+    round_to: int = Field(default=1, ge=1, description="kept channel counts are multiples of this")
     granularity: Literal["stage"] = "stage"
 
     @field_validator("importance")
@@ -55,6 +57,15 @@ class SpaceConfig(BaseModel):
     def _known_importance(cls, v: str) -> str:
         if v not in IMPORTANCES:
             raise ValueError(f"unknown importance {v!r}; known: {sorted(IMPORTANCES)}")
+        return v
+
+    @field_validator("block_criterion")
+    @classmethod
+    def _known_block_criterion(cls, v: str) -> str:
+        from prunetune.spaces.block_criteria import BLOCK_CRITERIA
+
+        if v not in BLOCK_CRITERIA:
+            raise ValueError(f"unknown block criterion {v!r}; known: {sorted(BLOCK_CRITERIA)}")
         return v
 
     @field_validator("resolutions")
@@ -65,17 +76,25 @@ class SpaceConfig(BaseModel):
         return v
 
 
-def optuna_distributions(space: ModelSpace, cfg: SpaceConfig) -> dict[str, optuna.distributions.BaseDistribution]:
-    """One distribution per searchable coordinate, keyed by the vector's flat names."""
-    r = cfg.channel_ratio
+def optuna_distributions(structure, cfg: SpaceConfig) -> dict[str, optuna.distributions.BaseDistribution]:
+    """One distribution per searchable coordinate of an engine `ModelStructure`, keyed by the
+    vector's flat names (`ch.<stage>`, `heads.<stage>`, `depth.<stage>`, `resolution`)."""
     dists: dict[str, optuna.distributions.BaseDistribution] = {}
-    for stage in space.stages:
+
+    def ratio(key: str, r: RatioRange) -> None:
         if r.low < r.high:
-            dists[f"{CHANNEL_PREFIX}{stage.name}"] = optuna.distributions.FloatDistribution(
-                r.low, r.high, step=r.step)
-        if cfg.depth and stage.max_depth > cfg.min_blocks:
-            dists[f"{DEPTH_PREFIX}{stage.name}"] = optuna.distributions.IntDistribution(
-                cfg.min_blocks, stage.max_depth)
-    if cfg.resolutions and len(cfg.resolutions) > 1:
+            dists[key] = optuna.distributions.FloatDistribution(r.low, r.high, step=r.step)
+
+    for stage in structure.channel_stages:
+        if stage.groups:
+            ratio(f"{CHANNEL_PREFIX}{stage.name}", cfg.channel_ratio)
+        if stage.attention:
+            ratio(f"{HEADS_PREFIX}{stage.name}", cfg.head_ratio)
+    if cfg.depth:
+        for st in structure.depth_stages:
+            low = min(max(st.min_depth, cfg.min_blocks), st.max_depth)
+            if low < st.max_depth:
+                dists[f"{DEPTH_PREFIX}{st.name}"] = optuna.distributions.IntDistribution(low, st.max_depth)
+    if cfg.resolutions and len(cfg.resolutions) > 1 and structure.resolution_adaptable:
         dists[RESOLUTION_KEY] = optuna.distributions.CategoricalDistribution(sorted(set(cfg.resolutions)))
     return dists

@@ -26,7 +26,7 @@ from prunetune.spaces.block_criteria import choose_blocks_to_drop
 from prunetune.spaces.blocks import StageInfo, bypass, find_residual_blocks, group_stages
 from prunetune.spaces.heads import find_attention, prune_heads
 from prunetune.spaces.importance import get_importance
-from prunetune.spaces.materialize import PruningError, kept_channels, state_hash
+from prunetune.spaces.common import PruningError, kept_channels, state_hash
 from prunetune.spaces.resolution import adapt_resolution
 from prunetune.spaces.segments import classifier_name, segments, trace_layers
 from prunetune.spaces.spec import SubnetSpec
@@ -100,13 +100,30 @@ def describe(model: nn.Module, example_input: torch.Tensor, *, backend: str = "t
     return ModelStructure(tuple(stages), depth, attention, classifier, adaptable, skipped, channel_error)
 
 
-def _resolution_adaptable(model: nn.Module, example_input: torch.Tensor) -> bool:
-    if example_input.dim() != 4:
-        return False
+def at_resolution(model: nn.Module, resolution: int) -> nn.Module:
+    """`model` adapted to square inputs of `resolution`: ViT position embeddings are
+    interpolated; models that already accept any size (adaptive or functional pooling) are
+    returned as they are."""
     try:
-        adapt_resolution(model, example_input.shape[-1])
-        return True
-    except (ValueError, TypeError):
+        return adapt_resolution(model, resolution)
+    except ValueError as err:
+        if "cannot adapt" not in str(err):  # a real error (e.g. not a multiple of the patch size)
+            raise
+        return model
+
+
+@torch.no_grad()
+def _resolution_adaptable(model: nn.Module, example_input: torch.Tensor) -> bool:
+    """True when a smaller square input still gives outputs of the same shape."""
+    if example_input.dim() != 4 or not example_input.is_floating_point():
+        return False
+    size = example_input.shape[-1]
+    smaller = max(1, size * 3 // 4)
+    try:
+        adapted = at_resolution(model, smaller)
+        x = torch.zeros(*example_input.shape[:2], smaller, smaller)
+        return adapted(x).shape == model(example_input).shape
+    except Exception:  # noqa: BLE001 - any failure means the resolution cannot change
         return False
 
 
@@ -167,7 +184,10 @@ def prune(parent: nn.Module, vector: PruningVector, example_input: torch.Tensor,
     groups = _prune_channels(model, example_input, structure, vector, removed, round_to,
                              lambda backend, g, k: _top_k_drop(backend.scores(g.root, scorer), k), seed)
     if vector.resolution is not None:
-        model = adapt_resolution(model, vector.resolution)
+        try:
+            model = at_resolution(model, vector.resolution)
+        except ValueError as err:
+            raise PruningError(str(err)) from None
     spec = _spec(parent, model, vector, example_input, removed, heads, groups, model_name, importance,
                  round_to, seed, block_criterion)
     return Pruned(model, spec)
@@ -244,11 +264,29 @@ def example_from_spec(spec: SubnetSpec) -> torch.Tensor:
     return torch.zeros(spec.input_shape, dtype=dtype)
 
 
+def _check_removed(spec: SubnetSpec, structure: ModelStructure) -> None:
+    """Removed blocks must be distinct removable blocks, as many per stage as the vector says."""
+    removed = list(spec.removed_blocks)
+    if len(set(removed)) != len(removed):
+        raise PruningError(f"removed_blocks: listed twice in {removed}")
+    removable = {b: st for st in structure.depth_stages for b in st.removable}
+    for b in removed:
+        if b not in removable:
+            raise PruningError(f"removed_blocks: {b!r} is not a removable block of this model")
+    for st in structure.depth_stages:
+        want = st.max_depth - spec.vector.depth.get(st.name, st.max_depth)
+        got = sum(removable[b] is st for b in removed)
+        if got != want:
+            raise PruningError(f"removed_blocks: {got} blocks removed from {st.name}, its vector "
+                               f"keeps {st.max_depth - want} of {st.max_depth}")
+
+
 def rebuild(skeleton: nn.Module, spec: SubnetSpec) -> nn.Module:
     """Give a freshly built parent the structure recorded in `spec`; load the weights next."""
     example = example_from_spec(spec)
     structure = describe(skeleton, example)
     validate(spec.vector, structure)
+    _check_removed(spec, structure)
     model = copy.deepcopy(skeleton).cpu().eval()
     if spec.removed_blocks:
         model = bypass(model, spec.removed_blocks)
@@ -270,7 +308,7 @@ def rebuild(skeleton: nn.Module, spec: SubnetSpec) -> nn.Module:
     if set(kept) != set(recorded):
         raise PruningError(f"groups: spec records {sorted(set(recorded) ^ set(kept))[:5]} differently")
     if spec.vector.resolution is not None:
-        model = adapt_resolution(model, spec.vector.resolution)
+        model = at_resolution(model, spec.vector.resolution)
     got = _widths(model)
     if got != dict(spec.widths):
         diff = sorted(k for k in set(got) | set(spec.widths) if got.get(k) != spec.widths.get(k))

@@ -23,7 +23,7 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention
 from torchvision.models.vision_transformer import EncoderBlock
 from torchvision.ops.misc import MLP
 
-from prunetune.spaces.materialize import kept_channels
+from prunetune.spaces.common import kept_channels
 
 
 class PrunedMultiheadAttention(nn.Module):

@@ -42,15 +42,34 @@ def _positions(module: nn.Module, out: torch.Tensor, batch: int) -> int:
 
 @torch.no_grad()
 def trace_layers(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, int]]:
-    """(name, positions) of every conv/linear, in the order the forward pass first runs them."""
+    """(name, positions) of every conv/linear, in the order the forward pass first runs them.
+
+    Layers inside an attention module take the positions of the attention's input: window
+    attention pads and folds windows, which must not split a stage.
+    """
+    from prunetune.spaces.heads import find_attention
+
+    batch = example_input.shape[0]
+    attention = list(find_attention(model))
+    attn_positions: dict[str, int] = {}
     seen: dict[str, int] = {}
     hooks = []
+
+    def owner(name: str) -> str | None:
+        return next((a for a in attention if name.startswith(a + ".")), None)
+
+    for name in attention:
+        def pre(mod, inputs, name=name):
+            x = inputs[0]
+            attn_positions[name] = max(1, x.numel() // max(1, batch * x.shape[-1]))
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(pre))
     for name, m in model.named_modules():
         if isinstance(m, PRUNABLE):
             def hook(mod, _inp, out, name=name):
                 out = out[0] if isinstance(out, tuple) else out  # LSTM: (output, (h, c))
                 if name not in seen and isinstance(out, torch.Tensor):
-                    seen[name] = _positions(mod, out, example_input.shape[0])
+                    a = owner(name)
+                    seen[name] = attn_positions[a] if a in attn_positions else _positions(mod, out, batch)
             hooks.append(m.register_forward_hook(hook))
     was_training = model.training
     try:

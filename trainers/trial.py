@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunetune.spaces import Cost, PruningVector, Subnet, discover, materialize, measure_cost
+from prunetune.spaces import Cost, ModelStructure, Pruned, PruningVector, describe, measure_cost, prune
 from prunetune.trainers.data import DataSplits
 from prunetune.trainers.finetune import EpochStats, evaluate, train_epochs
 from prunetune.trainers.probes import cka_to_parent, probe_features
@@ -31,8 +31,11 @@ class CandidateSetup:
     recipe: TrainRecipe
     importance: str = "l2"
     round_to: int = 1
+    block_criterion: str = "position"
+    model_name: str = ""
     seed: int = 0
     device: torch.device = torch.device("cpu")
+    structure: ModelStructure | None = None   # describe() of the parent; computed when None
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Epoch:
 
 @dataclass(frozen=True)
 class Finished:
-    subnet: Subnet
+    subnet: Pruned
     test_acc: float
     test_loss: float
     seconds: float
@@ -60,12 +63,15 @@ class Finished:
 def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Finished]:
     t0 = time.perf_counter()
     splits = setup.splits
-    subnet = materialize(setup.parent, setup.vector, in_channels=splits.in_channels,
-                         native_resolution=splits.image_size, importance=setup.importance,
-                         round_to=setup.round_to, parent_id=setup.parent_id, seed=setup.seed)
+    example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
+    structure = setup.structure or describe(setup.parent, example)
+    subnet = prune(setup.parent, setup.vector, example, model_name=setup.model_name,
+                   importance=setup.importance, round_to=setup.round_to,
+                   block_criterion=setup.block_criterion, probes=setup.probes,
+                   structure=structure, seed=setup.seed)
     res = subnet.spec.resolution
     cost = measure_cost(subnet.module, in_channels=splits.in_channels, resolution=res)
-    stages = _stage_names(setup.parent)
+    stages = probe_stages(structure)
     parent_feats = probe_features(setup.parent, setup.probes, stages)
     child_feats = probe_features(subnet.module, setup.probes, stages, resolution=res)
     cka = cka_to_parent(parent_feats, child_feats)
@@ -83,5 +89,7 @@ def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Fini
     yield Finished(subnet, test_acc, test_loss, time.perf_counter() - t1)
 
 
-def _stage_names(model: nn.Module) -> list[str]:
-    return list(discover(model).stage_names)
+def probe_stages(structure: ModelStructure) -> list[str]:
+    """Modules whose outputs CKA compares: the end of every stage of blocks (real module
+    names, present in parent and subnet alike); the penultimate features are always added."""
+    return [st.name for st in structure.depth_stages]

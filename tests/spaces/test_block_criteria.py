@@ -12,7 +12,7 @@ from prunetune.spaces.block_criteria import (
     register_block_criterion,
 )
 from prunetune.spaces.blocks import find_residual_blocks
-from prunetune.spaces.materialize import state_hash
+from prunetune.spaces.common import state_hash
 
 DATA_DRIVEN = sorted(n for n, c in BLOCK_CRITERIA.items() if c.needs_probes)
 NO_OP = "layer2.1"  # a middle block, so "position" alone would not pick it

@@ -15,7 +15,7 @@ from torchvision.models.swin_transformer import SwinTransformer
 from prunetune.spaces.blocks import (
     ResidualBlock, StageInfo, bypass, bypassed, find_residual_blocks, group_stages,
 )
-from prunetune.spaces.materialize import state_hash
+from prunetune.spaces.common import state_hash
 from prunetune.trainers.models import build_model
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunetune.spaces.engine import describe, prune, rebuild
-from prunetune.spaces.materialize import PruningError
+from prunetune.spaces.common import PruningError
 from prunetune.spaces.vector import PruningVector
 from prunetune.trainers.models import build_model
 from prunetune.trainers.zoo import ARCHS
