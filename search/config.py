@@ -15,11 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunetune.spaces import SpaceConfig
+from prunetune.spaces.cost import CostConfig
 from prunetune.trainers.data import DataConfig
 from prunetune.trainers.models import build_model, is_known_model, model_names
 from prunetune.trainers.recipe import TrainRecipe
 
-METRICS = ("val_acc", "macs", "params")
+METRICS = ("val_acc", "macs", "params", "latency_ms", "peak_activation_bytes")
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,7 @@ class ParentConfig(_Strict):
 
 
 class Objective(_Strict):
-    metric: Literal["val_acc", "macs", "params"]
+    metric: Literal["val_acc", "macs", "params", "latency_ms", "peak_activation_bytes"]
     mode: Literal["max", "min"]
 
 
@@ -122,6 +123,7 @@ class ExperimentConfig(_Strict):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     cache_dir: Path | None = Field(default=None, description="parent/data cache; default $PRUNETUNE_CACHE or ~/.cache/prunetune")
@@ -136,6 +138,8 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _objectives(self):
         metrics = [o.metric for o in self.objectives]
+        if "latency_ms" in metrics and not self.cost.latency:
+            raise ValueError("objectives: latency_ms needs cost.latency: true")
         if len(self.objectives) < 2 or len(set(metrics)) != len(metrics):
             raise ValueError("objectives: need at least two distinct metrics, e.g. val_acc/max and macs/min")
         return self

@@ -64,11 +64,12 @@ def _num(v, fmt: str, scale: float = 1.0) -> str:
 
 def front_table(front: Sequence[dict], *, title: str) -> Table:
     table = Table(title=title)
-    for col in ("trial", "val_acc", "test_acc", "MMACs", "Mparams", "CKA", "vector"):
+    for col in ("trial", "val_acc", "test_acc", "MMACs", "Mparams", "ms", "CKA", "vector"):
         table.add_column(col, justify="left" if col in ("trial", "vector") else "right")
     for r in front:
         table.add_row(str(r.get("trial_id", "-")), _num(r.get("val_acc"), ".4f"), _num(r.get("test_acc"), ".4f"),
                       _num(r.get("macs"), ".2f", 1e6), _num(r.get("params"), ".3f", 1e6),
+                      _num(r.get("latency_ms"), ".2f"),
                       _num(r.get("cka"), ".3f"), vector_summary(r))
     return table
 

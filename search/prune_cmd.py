@@ -75,6 +75,13 @@ def _vector(args, structure) -> PruningVector:
     ratio = args.channel_ratio
     if ratio is not None and not 0 < ratio <= 1:
         raise BadInput(f"--channel-ratio: must be in (0, 1], got {ratio}")
+    if ratio is not None and not any(s.groups for s in structure.channel_stages):
+        raise BadInput(f"--channel-ratio: {args.model} has no channel group the engine can prune"
+                       + (f" (the dependency graph failed: {structure.channel_error})" if structure.channel_error else ""))
+    if args.head_ratio is not None and not structure.attention:
+        raise BadInput(f"--head-ratio: {args.model} has no attention module")
+    if args.drop_blocks and not structure.depth_stages:
+        raise BadInput(f"--drop-blocks: {args.model} has no removable residual block")
     return PruningVector(
         channels={s.name: ratio for s in structure.channel_stages if s.groups} if ratio else {},
         heads={s.name: args.head_ratio for s in structure.channel_stages if s.attention} if args.head_ratio else {},
@@ -128,8 +135,11 @@ def cmd_prune(args, console: Console) -> int:
         console.print(f"{args.model}: channel stages {[s.name for s in structure.channel_stages]}, "
                       f"depth stages {[s.name for s in structure.depth_stages]}, "
                       f"attention modules {len(structure.attention)}", highlight=False)
+        probes = (torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+                  if x.is_floating_point() else x.repeat(16, *[1] * (x.dim() - 1)))
         pruned = prune(parent, vector, x, model_name=args.model, importance=args.importance,
-                       round_to=args.round_to, block_criterion=args.block_criterion, structure=structure)
+                       round_to=args.round_to, block_criterion=args.block_criterion, structure=structure,
+                       probes=probes)
     spec = pruned.spec.model_copy(update={"parent_args": {"in_channels": args.in_channels,
                                                           "num_classes": args.num_classes}})
     xs = x if vector.resolution is None else torch.randn(1, x.shape[1], vector.resolution, vector.resolution)

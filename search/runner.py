@@ -23,7 +23,8 @@ from prunetune.search.progress import SearchProgress
 from prunetune.search.samplers import make_sampler
 from prunetune.search.tracking import TrackingTarget, default_uri, log_metrics, retry, start_search_run
 from prunetune.search.trainable import SearchContext, run_trial
-from prunetune.spaces import describe, measure_cost, optuna_distributions
+from prunetune.spaces import describe, measure_full_cost, optuna_distributions
+from prunetune.spaces.cost_cache import CostCache
 from prunetune.trainers.data import load_splits
 from prunetune.trainers.parent import get_parent
 
@@ -83,10 +84,17 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     parent, info = get_parent(cfg.model.name, cfg.data, splits, cfg.parent.recipe, seed=cfg.seed,
                               cache_dir=cache, checkpoint=cfg.parent.checkpoint, on_epoch=parent_epoch)
-    pcost = measure_cost(parent, in_channels=splits.in_channels, resolution=splits.image_size)
-    parent_rec = {"val_acc": info.val_acc, "test_acc": info.test_acc, "macs": pcost.macs, "params": pcost.params}
+    c = cfg.cost
+    pcost = measure_full_cost(parent, torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size),
+                              batch=c.batch, latency=c.latency, threads=c.threads, repeats=c.repeats,
+                              warmup=3, cache=CostCache(cache / "costs"))
+    parent_rec = {"val_acc": info.val_acc, "test_acc": info.test_acc, "macs": pcost.macs, "params": pcost.params,
+                  "peak_activation_bytes": pcost.peak_activation_bytes}
+    if pcost.latency_ms is not None:
+        parent_rec["latency_ms"] = pcost.latency_ms
     console.print(f"parent {info.parent_id} ({info.source}): val_acc {info.val_acc:.3f}, test_acc "
-                  f"{info.test_acc:.3f}, {pcost.macs / 1e6:.2f}M MACs, {pcost.params / 1e6:.3f}M params")
+                  f"{info.test_acc:.3f}, {pcost.macs / 1e6:.2f}M MACs, {pcost.params / 1e6:.3f}M params"
+                  + (f", {pcost.latency_ms:.2f} ms" if pcost.latency_ms is not None else ""))
 
     target = start_search_run(uri, cfg.experiment_name, run_name=f"{cfg.name}-search", params={
         "model": cfg.model.name, "data": cfg.data.name, "trials": cfg.budget.trials,

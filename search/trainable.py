@@ -48,7 +48,8 @@ def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector
     return CandidateSetup(parent=parent, parent_id=ctx.parent_id, splits=splits, probes=probes,
                           vector=vector, recipe=cfg.finetune, importance=cfg.space.importance,
                           round_to=cfg.space.round_to, block_criterion=cfg.space.block_criterion,
-                          model_name=cfg.model.name, seed=cfg.seed, device=_device(cfg))
+                          model_name=cfg.model.name, seed=cfg.seed, device=_device(cfg),
+                          cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs")
 
 
 def trial_params(cfg: ExperimentConfig, vector: PruningVector) -> dict:
@@ -79,7 +80,11 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
     try:
         for event in run_candidate(setup):
             if isinstance(event, Materialized):
-                base.update(macs=event.cost.macs, params=event.cost.params, cka=event.cka["mean"],
+                extra = {k: v for k, v in (("latency_ms", event.cost.latency_ms),
+                                            ("latency_ms_batch", event.cost.latency_ms_batch),
+                                            ("peak_activation_bytes", event.cost.peak_activation_bytes))
+                         if v is not None}
+                base.update(macs=event.cost.macs, params=event.cost.params, cka=event.cka["mean"], **extra,
                             **{f"cka.{k}": v for k, v in event.cka.items() if k != "mean"})
                 metrics = {**base, "epoch": 0, "val_acc": event.val_acc, "val_loss": event.val_loss,
                            "materialize_s": event.seconds}

@@ -13,10 +13,22 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch_pruning as tp
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from prunetune.spaces.cost_cache import CostCache, latency_key, static_key, structural_signature
 from prunetune.spaces.latency import LatencyStats, device_label, measure_latency, model_device
+
+
+class CostConfig(BaseModel):
+    """What a search measures for every candidate besides MACs and params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency: bool = Field(default=True, description="time each candidate (median after warm-up)")
+    batch: int = Field(default=8, ge=1, description="batch size of the second latency measurement")
+    repeats: int = Field(default=10, ge=1, description="timed runs per latency measurement")
+    threads: int = Field(default=1, ge=1, description="torch threads while timing")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ class SpaceConfig(BaseModel):
     importance: str = Field(default="l2", description="channel criterion: l1, l2, bn_scale, random")
     block_criterion: str = Field(default="position", description="which blocks go first: position, weight_norm, kl, cka")
     round_to: int = Field(default=1, ge=1, description="kept channel counts are multiples of this")
-    granularity: Literal["stage"] = "stage"
+    granularity: Literal["stage", "group"] = Field(
+        default="stage", description="one channel ratio per stage, or per DepGraph group (`ch.<group root>`)")
 
     @field_validator("importance")
     @classmethod
@@ -86,8 +87,11 @@ def optuna_distributions(structure, cfg: SpaceConfig) -> dict[str, optuna.distri
             dists[key] = optuna.distributions.FloatDistribution(r.low, r.high, step=r.step)
 
     for stage in structure.channel_stages:
-        if stage.groups:
+        if stage.groups and cfg.granularity == "stage":
             ratio(f"{CHANNEL_PREFIX}{stage.name}", cfg.channel_ratio)
+        elif stage.groups:
+            for group in stage.groups:
+                ratio(f"{CHANNEL_PREFIX}{group.root}", cfg.channel_ratio)
         if stage.attention:
             ratio(f"{HEADS_PREFIX}{stage.name}", cfg.head_ratio)
     if cfg.depth:

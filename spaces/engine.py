@@ -25,7 +25,7 @@ from prunetune.spaces.backend import BACKENDS, ChannelGroup
 from prunetune.spaces.block_criteria import choose_blocks_to_drop
 from prunetune.spaces.blocks import StageInfo, bypass, find_residual_blocks, group_stages
 from prunetune.spaces.heads import find_attention, prune_heads
-from prunetune.spaces.importance import get_importance
+from prunetune.spaces.importance import NEEDS_GRAD, get_importance
 from prunetune.spaces.common import PruningError, kept_channels, state_hash
 from prunetune.spaces.resolution import adapt_resolution
 from prunetune.spaces.segments import classifier_name, segments, trace_layers
@@ -129,9 +129,10 @@ def _resolution_adaptable(model: nn.Module, example_input: torch.Tensor) -> bool
 
 def validate(vector: PruningVector, structure: ModelStructure) -> None:
     names = [s.name for s in structure.channel_stages]
+    roots = {g.root for s in structure.channel_stages for g in s.groups}
     for key, ratio in vector.channels.items():
-        if key not in names:
-            raise PruningError(f"channels.{key}: no such stage (stages: {names})")
+        if key not in names and key not in roots:
+            raise PruningError(f"channels.{key}: no such stage or channel group (stages: {names})")
         if not 0.0 < ratio <= 1.0:
             raise PruningError(f"channels.{key}: keep ratio must be in (0, 1], got {ratio}")
     for key, ratio in vector.heads.items():
@@ -181,8 +182,10 @@ def prune(parent: nn.Module, vector: PruningVector, example_input: torch.Tensor,
     if structure.attention:
         model = prune_heads(model, {n: heads.get(n, k) for n, k in structure.attention.items()
                                     if not any(_inside(n, r) for r in removed)})
+    grad_inputs = (probes if probes is not None else example_input) if importance in NEEDS_GRAD else None
     groups = _prune_channels(model, example_input, structure, vector, removed, round_to,
-                             lambda backend, g, k: _top_k_drop(backend.scores(g.root, scorer), k), seed)
+                             lambda backend, g, k: _top_k_drop(backend.scores(g.root, scorer), k), seed,
+                             grad_inputs=grad_inputs)
     if vector.resolution is not None:
         try:
             model = at_resolution(model, vector.resolution)
@@ -207,16 +210,33 @@ def _top_k_drop(scores: torch.Tensor, keep: int) -> list[int]:
     return sorted(torch.argsort(scores, stable=True)[: scores.numel() - keep].tolist())
 
 
-def _prune_channels(model, example_input, structure, vector, removed, round_to, choose, seed) -> dict[str, int]:
+def _fill_gradients(model: nn.Module, inputs: torch.Tensor) -> None:
+    """Gradients for gradient-based criteria (Taylor): cross-entropy of the model against its
+    own predictions on `inputs` (no labels are needed; BN stays in eval mode)."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        out = model(inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = (torch.nn.functional.cross_entropy(out, out.argmax(-1).detach()) if out.dim() == 2
+                else out.float().pow(2).mean())
+        loss.backward()
+
+
+def _prune_channels(model, example_input, structure, vector, removed, round_to, choose, seed, *,
+                    grad_inputs: torch.Tensor | None = None) -> dict[str, int]:
     """Prune every group of every stage with a ratio; returns {group root: channels kept}."""
-    targets = [(g, vector.channels[s.name]) for s in structure.channel_stages if s.name in vector.channels
+    # A group's own key (per-group granularity) wins over its stage's key.
+    targets = [(g, vector.channels.get(g.root, vector.channels.get(s.name))) for s in structure.channel_stages
                for g in s.groups if not any(_inside(g.root, r) for r in removed)]
+    targets = [(g, r) for g, r in targets if r is not None]
     kept: dict[str, int] = {}
     if not targets:
         return kept
     attn = tuple(n for n, _ in model.named_modules()
                  if any(_inside(n, a) and n != a for a in structure.attention))
     backend = BACKENDS["torch-pruning"](model, example_input, ignored=(structure.classifier, *attn))
+    if grad_inputs is not None:
+        _fill_gradients(model, grad_inputs)
     rng = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -230,6 +250,8 @@ def _prune_channels(model, example_input, structure, vector, removed, round_to, 
                     raise PruningError(str(err)) from None
     finally:
         torch.random.set_rng_state(rng)
+        if grad_inputs is not None:
+            model.zero_grad(set_to_none=True)
     return kept
 
 

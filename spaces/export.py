@@ -72,7 +72,9 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: Path
         try:
             artifact = torch.jit.script(model)
             with torch.no_grad():
-                artifact(example_input)     # compiling is not running: some failures wait
+                # compiling is not running: some failures wait. Scripting may also take other
+                # branches (torchvision's GoogLeNet returns a tuple with None aux outputs).
+                _same_structure(artifact(example_input), model(example_input))
             method = "script"
         except Exception as script_err:
             try:
@@ -219,6 +221,13 @@ def _runner(fmt: str, path: Path, model: nn.Module):
         return lambda x: [torch.from_numpy(o)
                           for o in session.run(None, {names[0]: x.detach().cpu().numpy()})]
     raise ValueError(f"unknown export format {fmt!r}; known: {sorted(FILE_NAMES)}")
+
+
+def _same_structure(got, expected) -> None:
+    """Raise when a scripted module's outputs are not the eager module's tensors."""
+    shapes = [t.shape for t in _tensors(expected)]
+    if [t.shape for t in _tensors(got)] != shapes:
+        raise ExportError(f"scripted outputs differ in structure from eager outputs {shapes}")
 
 
 def _tensors(out) -> list[torch.Tensor]:

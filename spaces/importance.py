@@ -12,11 +12,14 @@ from collections.abc import Callable
 import torch_pruning as tp
 
 IMPORTANCES: dict[str, Callable[[], object]] = {}
+NEEDS_GRAD: set[str] = set()  # criteria that read parameter gradients
 
 
-def register_importance(name: str):
+def register_importance(name: str, *, needs_grad: bool = False):
     def deco(factory):
         IMPORTANCES[name] = factory
+        if needs_grad:
+            NEEDS_GRAD.add(name)
         return factory
     return deco
 
@@ -46,3 +49,9 @@ def _bn_scale():
 @register_importance("random")
 def _random():
     return tp.importance.RandomImportance()
+
+
+@register_importance("taylor", needs_grad=True)
+def _taylor():
+    """First-order Taylor (|w * dL/dw| over the group); the engine fills the gradients."""
+    return tp.importance.GroupTaylorImportance()

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from prunetune.spaces import Cost, ModelStructure, Pruned, PruningVector, describe, measure_cost, prune
+from prunetune.spaces import Cost, ModelStructure, Pruned, PruningVector, describe, measure_full_cost, prune
+from prunetune.spaces.cost import CostConfig
+from prunetune.spaces.cost_cache import CostCache
 from prunetune.trainers.data import DataSplits
 from prunetune.trainers.finetune import EpochStats, evaluate, train_epochs
 from prunetune.trainers.probes import cka_to_parent, probe_features
@@ -36,6 +39,8 @@ class CandidateSetup:
     seed: int = 0
     device: torch.device = torch.device("cpu")
     structure: ModelStructure | None = None   # describe() of the parent; computed when None
+    cost: CostConfig = field(default_factory=CostConfig)
+    cost_cache: Path | None = None            # latency/MACs cache folder, keyed by structure
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,14 @@ def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Fini
                    block_criterion=setup.block_criterion, probes=setup.probes,
                    structure=structure, seed=setup.seed)
     res = subnet.spec.resolution
-    cost = measure_cost(subnet.module, in_channels=splits.in_channels, resolution=res)
+    model = subnet.module.to(setup.device)
+    c = setup.cost
+    cost = measure_full_cost(model, torch.zeros(1, splits.in_channels, res, res, device=setup.device),
+                             batch=c.batch, latency=c.latency, threads=c.threads, repeats=c.repeats,
+                             warmup=3, cache=CostCache(setup.cost_cache) if setup.cost_cache else None)
     stages = probe_stages(structure)
     parent_feats = probe_features(setup.parent, setup.probes, stages)
-    child_feats = probe_features(subnet.module, setup.probes, stages, resolution=res)
+    child_feats = probe_features(subnet.module.cpu(), setup.probes, stages, resolution=res)
     cka = cka_to_parent(parent_feats, child_feats)
     model = subnet.module.to(setup.device)
     val_acc, val_loss = evaluate(model, splits.val, device=setup.device, resolution=res)

@@ -57,6 +57,8 @@ def test_vector_file_and_lstm(tmp_path):
     (["cifar:resnet20", "--channel-ratio", "1.5"], "--channel-ratio"),
     (["no.such.module:fn", "--channel-ratio", "0.5"], "MODEL 'no.such.module:fn'"),
     (["cifar:resnet20", "--resolution", "0"], "resolution"),
+    (["torchvision:shufflenet_v2_x1_0", "--channel-ratio", "0.5", "--input-size", "64"], "no channel group"),
+    (["cifar:resnet20", "--head-ratio", "0.5"], "no attention module"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"

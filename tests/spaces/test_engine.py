@@ -79,3 +79,32 @@ def test_vit_heads_are_really_removed():
     p = prune(model, PruningVector(heads={stage.name: 0.25}), arch.example_input(), structure=s)
     attn = p.module.encoder.layers[0].self_attention
     assert attn.num_heads == 3 and attn.q_proj.out_features == 3 * 64
+
+
+def test_per_group_ratio_overrides_the_stage_ratio(resnet20):
+    model, s = resnet20
+    p = prune(model, PruningVector(channels={"layer2": 0.5, "layer2.1.conv1": 0.25}), X, structure=s)
+    assert p.spec.groups["layer2.1.conv1"] == 8 and p.spec.groups["layer2.2.conv1"] == 16
+    r = rebuild(build_model("cifar:resnet20", in_channels=1, num_classes=10), p.spec)
+    r.load_state_dict(p.module.state_dict())
+
+
+def test_group_granularity_distributions(resnet20):
+    from prunetune.spaces import SpaceConfig, optuna_distributions
+
+    _, s = resnet20
+    dists = optuna_distributions(s, SpaceConfig(granularity="group"))
+    roots = {g.root for c in s.channel_stages for g in c.groups}
+    assert {k[3:] for k in dists if k.startswith("ch.")} == roots
+
+
+def test_taylor_uses_gradients_and_is_deterministic(resnet20):
+    model, s = resnet20
+    probes = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    v = PruningVector(channels={"layer2": 0.5})
+    a = prune(model, v, X, structure=s, importance="taylor", probes=probes).module
+    b = prune(model, v, X, structure=s, importance="taylor", probes=probes).module
+    c = prune(model, v, X, structure=s, importance="l2").module
+    assert torch.equal(a.layer2[1].conv1.weight, b.layer2[1].conv1.weight)
+    assert not torch.equal(a.layer2[1].conv1.weight, c.layer2[1].conv1.weight)
+    assert all(p.grad is None for p in a.parameters())
