@@ -92,9 +92,10 @@ def _write_png(
     fig = Figure(figsize=(7, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    if finished:
-        ax.scatter(*xy(finished), s=18, color="0.6", label=f"finished trials ({len(finished)})", zorder=2)
-    else:
+    dx, dy = xy(finished)
+    if dx:
+        ax.scatter(dx, dy, s=18, color="0.6", label=f"finished trials ({len(dx)})", zorder=2)
+    if not finished:
         ax.text(0.5, 0.5, "no finished trials", transform=ax.transAxes, ha="center", va="center", color="0.4")
     ox, oy = xy(others)
     if ox:

@@ -62,7 +62,7 @@ def trial_params(cfg: ExperimentConfig, vector: PruningVector) -> dict:
 def run_trial(config: dict, ctx: SearchContext) -> None:
     """Ray Tune entry point (wrapped with `tune.with_parameters(run_trial, ctx=...)`)."""
     t_start = time.perf_counter()
-    cfg = ExperimentConfig.model_validate_json(ctx.config_json)
+    cfg = ExperimentConfig.model_validate_json(ctx.config_json, context={"trusted": True})
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     vector = PruningVector.from_flat(config)
     if vector.resolution is None and cfg.space.resolutions and len(cfg.space.resolutions) == 1:

@@ -13,14 +13,16 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-FASHION_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist"
+FASHION_MNIST = Path(os.environ.get("PRUNETUNE_FASHION_MNIST")
+                     or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-mnist")
 
 
 @pytest.fixture(scope="session")
 def fashion_mnist_root() -> Path:
     """The read-only Fashion-MNIST copy in ../shared next to the repository (never written)."""
     if not (FASHION_MNIST / "FashionMNIST" / "raw").is_dir():
-        pytest.fail(f"Fashion-MNIST not found at {FASHION_MNIST}: the tests need ../shared/data beside the clone")
+        pytest.fail(f"Fashion-MNIST not found at {FASHION_MNIST}: the tests need ../shared/data beside the "
+                    "clone, or PRUNETUNE_FASHION_MNIST pointing at a folder holding FashionMNIST/raw")
     return FASHION_MNIST
 
 

@@ -2,11 +2,15 @@
 
 Linear CKA (Kornblith et al., 2019), biased estimator, computed in float64:
 CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with column-centred X and Y.
+The one implementation lives in `spaces` (its block criterion needs it, and `spaces` may not
+import `trainers`); this module is the trainers-side entry point and adds the row check.
 """
 
 from __future__ import annotations
 
 import torch
+
+from prunetune.spaces.block_criteria import linear_cka as _linear_cka
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -18,12 +22,4 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"CKA needs the same examples: {x.shape[0]} vs {y.shape[0]} rows")
-    x = x.reshape(x.shape[0], -1).double()
-    y = y.reshape(y.shape[0], -1).double()
-    x = x - x.mean(0, keepdim=True)
-    y = y - y.mean(0, keepdim=True)
-    num = torch.linalg.matrix_norm(y.T @ x) ** 2
-    den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    if den <= 0:
-        return 0.0
-    return float(num / den)
+    return _linear_cka(x, y)
