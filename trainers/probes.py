@@ -16,17 +16,11 @@ from prunetune.trainers.cka import linear_cka
 from prunetune.trainers.finetune import resize
 
 
-def _classifier(model: nn.Module) -> nn.Module:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__}: no nn.Linear classifier to take penultimate features from")
-    return linears[-1]
-
-
 @torch.no_grad()
-def probe_features(model: nn.Module, x: torch.Tensor, stages: Sequence[str], *,
+def probe_features(model: nn.Module, x: torch.Tensor, stages: Sequence[str], *, classifier: str,
                    resolution: int | None = None) -> dict[str, torch.Tensor]:
-    """{stage name: (n, C) pooled output, "penultimate": (n, D) classifier input}."""
+    """{stage name: (n, C) pooled output, "penultimate": (n, D) input of `classifier` (the
+    layer that produces the class scores, a conv in SqueezeNet)}."""
     feats: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -37,7 +31,7 @@ def probe_features(model: nn.Module, x: torch.Tensor, stages: Sequence[str], *,
 
     for name in stages:
         hooks.append(model.get_submodule(name).register_forward_hook(save(name)))
-    hooks.append(_classifier(model).register_forward_hook(
+    hooks.append(model.get_submodule(classifier).register_forward_hook(
         lambda _m, inputs, _o: feats.__setitem__("penultimate", inputs[0].flatten(1))))
     try:
         model.eval()

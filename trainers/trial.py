@@ -81,8 +81,9 @@ def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Fini
                              batch=c.batch, latency=c.latency, threads=c.threads, repeats=c.repeats,
                              warmup=3, cache=CostCache(setup.cost_cache) if setup.cost_cache else None)
     stages = probe_stages(structure)
-    parent_feats = probe_features(setup.parent, setup.probes, stages)
-    child_feats = probe_features(subnet.module.cpu(), setup.probes, stages, resolution=res)
+    parent_feats = probe_features(setup.parent, setup.probes, stages, classifier=structure.classifier)
+    child_feats = probe_features(subnet.module.cpu(), setup.probes, stages, classifier=structure.classifier,
+                                 resolution=res)
     cka = cka_to_parent(parent_feats, child_feats)
     model = subnet.module.to(setup.device)
     val_acc, val_loss = evaluate(model, splits.val, device=setup.device, resolution=res)
