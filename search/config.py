@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from prunetune.spaces import SpaceConfig
 from prunetune.spaces.cost import CostConfig
 from prunetune.trainers.data import DataConfig
+from prunetune.trainers.distill import DistillConfig
 from prunetune.trainers.models import build_model, is_known_model, model_names
 from prunetune.trainers.recipe import TrainRecipe
 
@@ -120,6 +121,8 @@ class ExperimentConfig(_Strict):
         Objective(metric="val_acc", mode="max"), Objective(metric="macs", mode="min")])
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     finetune: TrainRecipe = Field(default_factory=TrainRecipe, description="each candidate's fine-tune after pruning")
+    distill: DistillConfig = Field(default_factory=DistillConfig,
+                                   description="knowledge distillation from the parent during fine-tuning")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)

@@ -49,12 +49,13 @@ def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector
                           vector=vector, recipe=cfg.finetune, importance=cfg.space.importance,
                           round_to=cfg.space.round_to, block_criterion=cfg.space.block_criterion,
                           model_name=cfg.model.name, seed=cfg.seed, device=_device(cfg),
-                          cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs")
+                          cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs", distill=cfg.distill)
 
 
 def trial_params(cfg: ExperimentConfig, vector: PruningVector) -> dict:
     recipe = {f"finetune.{k}": v for k, v in cfg.finetune.model_dump().items()}
-    return {**vector.to_flat(), **recipe, "importance": cfg.space.importance,
+    distill = {f"distill.{k}": v for k, v in cfg.distill.model_dump().items()}
+    return {**vector.to_flat(), **recipe, **distill, "importance": cfg.space.importance,
             "round_to": cfg.space.round_to, "block_criterion": cfg.space.block_criterion,
             "seed": cfg.seed, "model": cfg.model.name}
 

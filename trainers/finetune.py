@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from prunetune.trainers.data import make_loader
+from prunetune.trainers.distill import DistillConfig, distilled_loss
 from prunetune.trainers.recipe import TrainRecipe
 
 
@@ -49,12 +50,17 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, device: torch.devi
 
 
 def train_epochs(model: nn.Module, train: Dataset, val: Dataset, recipe: TrainRecipe, *,
-                 device: torch.device, resolution: int | None = None,
-                 seed: int = 0) -> Iterator[EpochStats]:
+                 device: torch.device, resolution: int | None = None, seed: int = 0,
+                 teacher: nn.Module | None = None, distill: DistillConfig | None = None) -> Iterator[EpochStats]:
     """SGD + cosine annealing (per step, over all epochs), yielding stats after each epoch.
 
     A generator so callers can report or stop between epochs without restarting the optimiser.
+    With a `teacher` and `distill.weight > 0` the loss mixes in knowledge distillation; the
+    teacher sees each batch at its native resolution.
     """
+    use_teacher = teacher is not None and distill is not None and distill.weight > 0
+    if use_teacher:
+        teacher = teacher.to(device).eval()
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay,
@@ -66,8 +72,10 @@ def train_epochs(model: nn.Module, train: Dataset, val: Dataset, recipe: TrainRe
         model.train()
         total, n = 0.0, 0
         for x, y in loader:
-            x, y = resize(x.to(device), resolution), y.to(device)
-            loss = F.cross_entropy(model(x), y)
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                teacher_logits = teacher(x) if use_teacher else None
+            loss = distilled_loss(model(resize(x, resolution)), y, teacher_logits, distill)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

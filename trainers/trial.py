@@ -19,6 +19,7 @@ from prunetune.spaces import Cost, ModelStructure, Pruned, PruningVector, descri
 from prunetune.spaces.cost import CostConfig
 from prunetune.spaces.cost_cache import CostCache
 from prunetune.trainers.data import DataSplits
+from prunetune.trainers.distill import DistillConfig
 from prunetune.trainers.finetune import EpochStats, evaluate, train_epochs
 from prunetune.trainers.probes import cka_to_parent, probe_features
 from prunetune.trainers.recipe import TrainRecipe
@@ -40,6 +41,7 @@ class CandidateSetup:
     device: torch.device = torch.device("cpu")
     structure: ModelStructure | None = None   # describe() of the parent; computed when None
     cost: CostConfig = field(default_factory=CostConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # KD from the parent while fine-tuning
     cost_cache: Path | None = None            # latency/MACs cache folder, keyed by structure
 
 
@@ -90,8 +92,8 @@ def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Fini
     yield Materialized(cost, cka, val_acc, val_loss, time.perf_counter() - t0)
 
     torch.manual_seed(setup.seed)
-    for stats in train_epochs(model, splits.train, splits.val, setup.recipe,
-                              device=setup.device, resolution=res, seed=setup.seed):
+    for stats in train_epochs(model, splits.train, splits.val, setup.recipe, device=setup.device,
+                              resolution=res, seed=setup.seed, teacher=setup.parent, distill=setup.distill):
         yield Epoch(stats)
     t1 = time.perf_counter()
     test_acc, test_loss = evaluate(model, splits.test, device=setup.device, resolution=res)
