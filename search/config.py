@@ -21,9 +21,6 @@ from prunetune.trainers.distill import DistillConfig
 from prunetune.trainers.models import build_model, is_known_model, model_names
 from prunetune.trainers.recipe import TrainRecipe
 
-METRICS = ("val_acc", "macs", "params", "latency_ms", "peak_activation_bytes")
-
-
 class ConfigError(ValueError):
     """A config that cannot be run; `str()` is the message shown to the user."""
 

@@ -135,6 +135,10 @@ def cmd_prune(args, console: Console) -> int:
         console.print(f"{args.model}: channel stages {[s.name for s in structure.channel_stages]}, "
                       f"depth stages {[s.name for s in structure.depth_stages]}, "
                       f"attention modules {len(structure.attention)}", highlight=False)
+        if structure.skipped_groups:
+            console.print(f"[yellow]not pruned[/]: {len(structure.skipped_groups)} channel groups "
+                          f"(grouped convs, or coupled to a transformer's hidden width), e.g. "
+                          f"{', '.join(structure.skipped_groups[:3])}", highlight=False)
         probes = (torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
                   if x.is_floating_point() else x.repeat(16, *[1] * (x.dim() - 1)))
         pruned = prune(parent, vector, x, model_name=args.model, importance=args.importance,

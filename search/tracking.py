@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 T = TypeVar("T")
@@ -85,9 +85,6 @@ class ChildRun:
 
     def metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         log_metrics(self.client, self.run_id, metrics, step=step)
-
-    def tag(self, key: str, value: str) -> None:
-        retry(lambda: self.client.set_tag(self.run_id, key, value))
 
     def artifacts(self, local_dir: Path, artifact_path: str) -> None:
         retry(lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path))
