@@ -6,6 +6,7 @@ for a bad config.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -115,11 +116,12 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
 
     objectives = _objectives(cfg)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
-    distributions = optuna_distributions(describe(parent, example), cfg.space)
+    structure = describe(parent, example)  # once; every trial gets it through the context
+    distributions = optuna_distributions(structure, cfg.space)
     searcher = OptunaSearch(distributions, metric=[o.metric for o in objectives],
                             mode=[o.mode for o in objectives], sampler=make_sampler(cfg))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
-                        parent_id=info.parent_id, cache_dir=str(cache), target=target)
+                        parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     progress = SearchProgress(objectives, cfg.budget.trials, console)
@@ -152,7 +154,6 @@ def _finish(cfg, client, target, records, objectives, parent_rec, storage, t0) -
         paths = write_front_artifacts(records, objectives, Path(tmp), title=f"{cfg.name}: Pareto front",
                                       parent=parent_rec)
         retry(lambda: client.log_artifacts(target.parent_run_id, tmp, FRONT_ARTIFACTS))
-        import json
         doc = json.loads(Path(paths["json"]).read_text())
     for r in finished:
         run_id = r.get("mlflow_run_id")

@@ -17,7 +17,7 @@ from ray import tune
 
 from prunetune.search.config import ExperimentConfig
 from prunetune.search.tracking import ChildRun, TrackingTarget
-from prunetune.spaces import PruningVector, save_subnet
+from prunetune.spaces import ModelStructure, PruningVector, save_subnet
 from prunetune.trainers.data import load_splits, probe_indices
 from prunetune.trainers.models import build_model
 from prunetune.trainers.trial import CandidateSetup, Epoch, Finished, Materialized, run_candidate
@@ -32,6 +32,7 @@ class SearchContext:
     parent_id: str
     cache_dir: str
     target: TrackingTarget
+    structure: ModelStructure  # describe() of the parent, computed once by the driver
 
 
 def _device(cfg: ExperimentConfig) -> torch.device:
@@ -49,7 +50,8 @@ def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector
                           vector=vector, recipe=cfg.finetune, importance=cfg.space.importance,
                           round_to=cfg.space.round_to, block_criterion=cfg.space.block_criterion,
                           model_name=cfg.model.name, seed=cfg.seed, device=_device(cfg),
-                          cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs", distill=cfg.distill)
+                          cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs", distill=cfg.distill,
+                          structure=ctx.structure)
 
 
 def trial_params(cfg: ExperimentConfig, vector: PruningVector) -> dict:

@@ -77,17 +77,16 @@ def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Fini
                    block_criterion=setup.block_criterion, probes=setup.probes,
                    structure=structure, seed=setup.seed)
     res = subnet.spec.resolution
+    stages = probe_stages(structure)
+    parent_feats = probe_features(setup.parent, setup.probes, stages, classifier=structure.classifier)
+    child_feats = probe_features(subnet.module, setup.probes, stages, classifier=structure.classifier,
+                                 resolution=res)
+    cka = cka_to_parent(parent_feats, child_feats)
     model = subnet.module.to(setup.device)
     c = setup.cost
     cost = measure_full_cost(model, torch.zeros(1, splits.in_channels, res, res, device=setup.device),
                              batch=c.batch, latency=c.latency, threads=c.threads, repeats=c.repeats,
                              warmup=3, cache=CostCache(setup.cost_cache) if setup.cost_cache else None)
-    stages = probe_stages(structure)
-    parent_feats = probe_features(setup.parent, setup.probes, stages, classifier=structure.classifier)
-    child_feats = probe_features(subnet.module.cpu(), setup.probes, stages, classifier=structure.classifier,
-                                 resolution=res)
-    cka = cka_to_parent(parent_feats, child_feats)
-    model = subnet.module.to(setup.device)
     val_acc, val_loss = evaluate(model, splits.val, device=setup.device, resolution=res)
     yield Materialized(cost, cka, val_acc, val_loss, time.perf_counter() - t0)
 
