@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--in-channels", type=int, default=3)
     pr.add_argument("--num-classes", type=int, default=10)
     pr.add_argument("--input-size", type=int, default=None, help="parent input size (default 32 cifar, 224 otherwise)")
-    pr.add_argument("--importance", default="l2", help="channel criterion: l1, l2, bn_scale, taylor, random")
+    pr.add_argument("--importance", default="l2", help="channel criterion: l1, l2, group_l2, bn_scale, taylor, random")
     pr.add_argument("--block-criterion", default="position", help="which blocks go first: position, weight_norm, kl, cka (kl/cka use random probes here)")
     pr.add_argument("--round-to", type=int, default=1, help="keep channel counts at multiples of this")
     pr.add_argument("--batch", type=int, default=8, help="batch size of the second latency measurement")

@@ -47,7 +47,7 @@ class SpaceConfig(BaseModel):
     depth: bool = Field(default=True, description="search blocks kept per stage (removable residual blocks)")
     min_blocks: int = Field(default=1, ge=1, description="never keep fewer blocks than this in a stage")
     resolutions: list[int] | None = Field(default=None, description="input resolutions to search; none = native only")
-    importance: str = Field(default="l2", description="channel criterion: l1, l2, bn_scale, random")
+    importance: str = Field(default="l2", description="channel criterion: l1, l2, group_l2, bn_scale, taylor, random")
     block_criterion: str = Field(default="position", description="which blocks go first: position, weight_norm, kl, cka")
     round_to: int = Field(default=1, ge=1, description="kept channel counts are multiples of this")
     granularity: Literal["stage", "group"] = Field(

@@ -16,6 +16,7 @@ vector raises `PruningError` naming the key or layer before anything is built.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -164,8 +165,14 @@ class Pruned:
 def prune(parent: nn.Module, vector: PruningVector, example_input: torch.Tensor, *,
           model_name: str = "", importance: str = "l2", round_to: int = 1,
           block_criterion: str = "position", probes: torch.Tensor | None = None,
-          structure: ModelStructure | None = None, seed: int = 0) -> Pruned:
-    """Apply `vector` to a copy of `parent` (see the module docstring for the order)."""
+          structure: ModelStructure | None = None, seed: int = 0,
+          drop_blocks: Sequence[str] | None = None, keep: Mapping[str, Sequence[int]] | None = None) -> Pruned:
+    """Apply `vector` to a copy of `parent` (see the module docstring for the order).
+
+    `drop_blocks` and `keep` ({group root: channel indices}) replace the criteria with
+    decisions taken elsewhere (iterative policies); build the matching vector with
+    `exact_vector`.
+    """
     structure = structure or describe(parent, example_input)
     validate(vector, structure)
     scorer = get_importance(importance)
@@ -173,9 +180,22 @@ def prune(parent: nn.Module, vector: PruningVector, example_input: torch.Tensor,
     removed: list[str] = []
     for st in structure.depth_stages:
         d = vector.depth.get(st.name, st.max_depth)
-        if d < st.max_depth:
+        if drop_blocks is not None:
+            removed += [b for b in st.removable if b in drop_blocks]
+        elif d < st.max_depth:
             removed += choose_blocks_to_drop(model, list(st.removable), st.max_depth - d,
                                              block_criterion, probes=probes)
+    if drop_blocks is not None:
+        _check_removed_blocks(removed, list(drop_blocks), vector, structure)
+    keep = {k: sorted(int(i) for i in v) for k, v in (keep or {}).items()}
+
+    def choose(backend, group, k):
+        if group.root not in keep:
+            return _top_k_drop(backend.scores(group.root, scorer), k)
+        if len(keep[group.root]) != k:
+            raise PruningError(f"keep.{group.root}: {len(keep[group.root])} channels given, the vector keeps {k}")
+        kept = set(keep[group.root])
+        return [i for i in range(group.size) if i not in kept]
     if removed:
         model = bypass(model, removed)
     heads = _heads_plan(vector, structure, removed)
@@ -183,8 +203,7 @@ def prune(parent: nn.Module, vector: PruningVector, example_input: torch.Tensor,
         model = prune_heads(model, {n: heads.get(n, k) for n, k in structure.attention.items()
                                     if not any(_inside(n, r) for r in removed)})
     grad_inputs = (probes if probes is not None else example_input) if importance in NEEDS_GRAD else None
-    groups = _prune_channels(model, example_input, structure, vector, removed, round_to,
-                             lambda backend, g, k: _top_k_drop(backend.scores(g.root, scorer), k), seed,
+    groups = _prune_channels(model, example_input, structure, vector, removed, round_to, choose, seed,
                              grad_inputs=grad_inputs)
     if vector.resolution is not None:
         try:
@@ -194,6 +213,31 @@ def prune(parent: nn.Module, vector: PruningVector, example_input: torch.Tensor,
     spec = _spec(parent, model, vector, example_input, removed, heads, groups, model_name, importance,
                  round_to, seed, block_criterion)
     return Pruned(model, spec)
+
+
+def exact_vector(structure: ModelStructure, removed: Sequence[str], keep: Mapping[str, Sequence[int]],
+                 resolution: int | None = None) -> PruningVector:
+    """The per-group vector that keeps exactly `keep` channels and drops exactly `removed` blocks."""
+    sizes = {g.root: g.size for s in structure.channel_stages for g in s.groups}
+    unknown = sorted(set(keep) - set(sizes))
+    if unknown:
+        raise PruningError(f"keep.{unknown[0]}: no such channel group")
+    channels = {root: len(idx) / sizes[root] for root, idx in keep.items() if len(idx) < sizes[root]}
+    depth = {st.name: st.max_depth - sum(b in removed for b in st.removable) for st in structure.depth_stages
+             if any(b in removed for b in st.removable)}
+    return PruningVector(channels=channels, depth=depth, resolution=resolution)
+
+
+def _check_removed_blocks(found: list[str], asked: list[str], vector: PruningVector,
+                          structure: ModelStructure) -> None:
+    missing = sorted(set(asked) - set(found))
+    if missing:
+        raise PruningError(f"drop_blocks: {missing[0]!r} is not a removable block of this model")
+    for st in structure.depth_stages:
+        n = sum(b in found for b in st.removable)
+        if st.max_depth - n != vector.depth.get(st.name, st.max_depth):
+            raise PruningError(f"depth.{st.name}: the vector keeps {vector.depth.get(st.name, st.max_depth)} "
+                               f"blocks, drop_blocks leaves {st.max_depth - n}")
 
 
 def _heads_plan(vector, structure, removed) -> dict[str, int]:

@@ -41,6 +41,13 @@ def _l2():
     return tp.importance.GroupMagnitudeImportance(p=2)
 
 
+@register_importance("group_l2")
+def _group_l2():
+    """Squared L2 norm of each channel over every coupled slice, not normalised: comparable
+    across groups (the DepGraph group norm, squared; SAP's structured mode uses it)."""
+    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
+
+
 @register_importance("bn_scale")
 def _bn_scale():
     return tp.importance.BNScaleImportance()

@@ -51,12 +51,16 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, *, device: torch.devi
 
 def train_epochs(model: nn.Module, train: Dataset, val: Dataset, recipe: TrainRecipe, *,
                  device: torch.device, resolution: int | None = None, seed: int = 0,
-                 teacher: nn.Module | None = None, distill: DistillConfig | None = None) -> Iterator[EpochStats]:
+                 teacher: nn.Module | None = None, distill: DistillConfig | None = None,
+                 after_backward: Callable[[nn.Module], None] | None = None,
+                 after_step: Callable[[nn.Module], None] | None = None) -> Iterator[EpochStats]:
     """SGD + cosine annealing (per step, over all epochs), yielding stats after each epoch.
 
     A generator so callers can report or stop between epochs without restarting the optimiser.
     With a `teacher` and `distill.weight > 0` the loss mixes in knowledge distillation; the
-    teacher sees each batch at its native resolution.
+    teacher sees each batch at its native resolution. Policies hook in after the backward pass
+    (`after_backward`: a sparsity regulariser edits the gradients) and after the optimiser step
+    (`after_step`: pruning masks are re-applied).
     """
     use_teacher = teacher is not None and distill is not None and distill.weight > 0
     if use_teacher:
@@ -78,7 +82,11 @@ def train_epochs(model: nn.Module, train: Dataset, val: Dataset, recipe: TrainRe
             loss = distilled_loss(model(resize(x, resolution)), y, teacher_logits, distill)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if after_backward is not None:
+                after_backward(model)
             opt.step()
+            if after_step is not None:
+                after_step(model)
             sched.step()
             total += loss.item() * y.numel()
             n += y.numel()

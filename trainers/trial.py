@@ -1,8 +1,10 @@
 """One candidate, start to finish, as a stream of events (pure torch: no Ray, no MLflow).
 
-materialize the vector -> cost and CKA to the parent on the probes (before any training)
--> fine-tune, one event per epoch -> test accuracy and the subnet. The search layer turns
-these events into Ray Tune reports and MLflow logs, and may stop consuming at any point.
+A policy (`trainers.policies`) prunes the parent, possibly over several rounds that each yield
+an `Iteration`; then every policy yields `Materialized` (cost and CKA to the parent on the
+probes, before the final fine-tune), one `Epoch` per final fine-tune epoch, and `Finished`
+(test accuracy and the subnet). The search layer turns these events into Ray Tune reports and
+MLflow logs, and may stop consuming at any point. The steps policies share live here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +26,9 @@ from prunetune.trainers.distill import DistillConfig
 from prunetune.trainers.finetune import EpochStats, evaluate, train_epochs
 from prunetune.trainers.probes import cka_to_parent, probe_features
 from prunetune.trainers.recipe import TrainRecipe
+
+if TYPE_CHECKING:
+    from prunetune.trainers.policies.base import Policy
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class CandidateSetup:
     cost: CostConfig = field(default_factory=CostConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)  # KD from the parent while fine-tuning
     cost_cache: Path | None = None            # latency/MACs cache folder, keyed by structure
+    policy: Policy | None = None              # how the candidate is pruned; None = joint
 
 
 @dataclass(frozen=True)
@@ -67,29 +74,74 @@ class Finished:
     seconds: float
 
 
-def run_candidate(setup: CandidateSetup) -> Iterator[Materialized | Epoch | Finished]:
-    t0 = time.perf_counter()
-    splits = setup.splits
-    example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
-    structure = setup.structure or describe(setup.parent, example)
-    subnet = prune(setup.parent, setup.vector, example, model_name=setup.model_name,
-                   importance=setup.importance, round_to=setup.round_to,
-                   block_criterion=setup.block_criterion, probes=setup.probes,
-                   structure=structure, seed=setup.seed)
-    res = subnet.spec.resolution
+@dataclass(frozen=True)
+class Iteration:
+    """One round of an iterative policy (SAP, allatonce, sparse training): logged to MLflow."""
+
+    step: int
+    metrics: dict[str, float]
+    info: dict[str, str] = field(default_factory=dict)   # e.g. {"choice": "layer", "block": "layer2.2"}
+    seconds: float = 0.0
+
+
+Event = Materialized | Iteration | Epoch | Finished
+
+
+def run_candidate(setup: CandidateSetup) -> Iterator[Event]:
+    """Run the candidate's policy (`joint` when none is set): its events, in order."""
+    from prunetune.trainers.policies import make_policy
+
+    policy = setup.policy if setup.policy is not None else make_policy("joint")
+    return policy.run(setup)
+
+
+def example_input(setup: CandidateSetup) -> torch.Tensor:
+    s = setup.splits
+    return torch.zeros(1, s.in_channels, s.image_size, s.image_size)
+
+
+def parent_structure(setup: CandidateSetup) -> ModelStructure:
+    return setup.structure or describe(setup.parent, example_input(setup))
+
+
+def cka_against_parent(setup: CandidateSetup, model: nn.Module, resolution: int | None = None) -> dict[str, float]:
+    """Linear CKA of `model` to the parent on the probes, per stage end + penultimate + "mean"."""
+    structure = parent_structure(setup)
     stages = probe_stages(structure)
     parent_feats = probe_features(setup.parent, setup.probes, stages, classifier=structure.classifier)
-    child_feats = probe_features(subnet.module, setup.probes, stages, classifier=structure.classifier,
-                                 resolution=res)
-    cka = cka_to_parent(parent_feats, child_feats)
+    child_feats = probe_features(model, setup.probes, stages, classifier=structure.classifier,
+                                 resolution=resolution)
+    return cka_to_parent(parent_feats, child_feats)
+
+
+def measure(setup: CandidateSetup, subnet: Pruned, t0: float) -> Materialized:
+    """The pruned subnet before its final fine-tune: cost, CKA to the parent, validation accuracy."""
+    splits = setup.splits
+    res = subnet.spec.resolution
+    cka = cka_against_parent(setup, subnet.module, res)
     model = subnet.module.to(setup.device)
     c = setup.cost
     cost = measure_full_cost(model, torch.zeros(1, splits.in_channels, res, res, device=setup.device),
                              batch=c.batch, latency=c.latency, threads=c.threads, repeats=c.repeats,
                              warmup=3, cache=CostCache(setup.cost_cache) if setup.cost_cache else None)
     val_acc, val_loss = evaluate(model, splits.val, device=setup.device, resolution=res)
-    yield Materialized(cost, cka, val_acc, val_loss, time.perf_counter() - t0)
+    return Materialized(cost, cka, val_acc, val_loss, time.perf_counter() - t0)
 
+
+def train(setup: CandidateSetup, model: nn.Module, epochs: int, **hooks) -> Iterator[EpochStats]:
+    """`epochs` of the candidate's recipe (distilling from the parent if configured)."""
+    recipe = setup.recipe.model_copy(update={"epochs": epochs})
+    torch.manual_seed(setup.seed)
+    yield from train_epochs(model.to(setup.device), setup.splits.train, setup.splits.val, recipe,
+                            device=setup.device, seed=setup.seed, teacher=setup.parent,
+                            distill=setup.distill, **hooks)
+
+
+def finetune_and_test(setup: CandidateSetup, subnet: Pruned) -> Iterator[Epoch | Finished]:
+    """The final fine-tune every policy ends with (the `finetune` recipe), then test accuracy."""
+    splits = setup.splits
+    res = subnet.spec.resolution
+    model = subnet.module.to(setup.device)
     torch.manual_seed(setup.seed)
     for stats in train_epochs(model, splits.train, splits.val, setup.recipe, device=setup.device,
                               resolution=res, seed=setup.seed, teacher=setup.parent, distill=setup.distill):
