@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from prunetune.search.policy_space import PolicyConfig
 from prunetune.spaces import SpaceConfig
 from prunetune.spaces.cost import CostConfig
 from prunetune.trainers.data import DataConfig
@@ -114,6 +115,8 @@ class ExperimentConfig(_Strict):
     data: DataConfig
     parent: ParentConfig = Field(default_factory=ParentConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig,
+                                 description="how each candidate is pruned, and which policy hyperparameters are searched")
     objectives: list[Objective] = Field(default_factory=lambda: [
         Objective(metric="val_acc", mode="max"), Objective(metric="macs", mode="min")])
     budget: BudgetConfig = Field(default_factory=BudgetConfig)

@@ -104,8 +104,41 @@ def render() -> str:
         out.append("| key | type | default | notes |\n| --- | --- | --- | --- |")
         out.extend(f"| `{n}` | {t} | {d} | {c} |" for n, t, d, c in rows)
         out.append("")
+    out.extend(_policies())
     out.append("## Example\n\n```yaml\n" + _example() + "```\n")
     return "\n".join(out)
+
+
+def _range(dist) -> str:
+    if dist is None:
+        return ""
+    if hasattr(dist, "choices"):
+        return f"`{json.dumps(list(dist.choices))}`"
+    return f"`[{dist.low}, {dist.high}]`" + (" log" if getattr(dist, "log", False) else "")
+
+
+def _policies() -> list[str]:
+    """One table per registered policy: `policy.params.<name>` keys and default search ranges."""
+    from prunetune.trainers.policies import POLICIES
+
+    out = []
+    for name, cls in sorted(POLICIES.items()):
+        out.append(f"## Policy `{name}`\n")
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
+        out.append(doc.replace("\n", " ") + "\n")
+        out.append("Uses the searched pruning vector: " + ("yes" if cls.uses_vector else "no") + ".\n")
+        fields = cls.Params.model_fields
+        if not fields:
+            out.append("No hyperparameters.\n")
+            continue
+        out.append(f"| `policy.params.{name}.` key | type | default | default search range (`policy.search.{name}.<key>: null`) | notes |")
+        out.append("| --- | --- | --- | --- | --- |")
+        for key, field in fields.items():
+            desc = " ".join(x for x in (field.description or "", _constraints(field)) if x)
+            out.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | "
+                       f"{_range(cls.search_space.get(key))} | {desc} |")
+        out.append("")
+    return out
 
 
 def _example() -> str:

@@ -58,19 +58,31 @@ def vector_summary(rec: dict) -> str:
     return " ".join(parts) or "-"
 
 
+def policy_summary(rec: dict) -> str:
+    """Policy name and its searched hyperparameters, e.g. `sap gamma=1.3`; plus distillation."""
+    name = rec.get("policy") or "joint"
+    parts = [str(name)]
+    for k in sorted(rec):
+        if k.startswith(f"{name}.") or k.startswith("distill."):
+            v = rec[k]
+            parts.append(f"{k.removeprefix(f'{name}.')}={float(v):.3g}" if isinstance(v, (int, float))
+                         else f"{k.removeprefix(f'{name}.')}={v}")
+    return " ".join(parts)
+
+
 def _num(v, fmt: str, scale: float = 1.0) -> str:
     return "-" if v in (None, "") else format(float(v) / scale, fmt)
 
 
 def front_table(front: Sequence[dict], *, title: str) -> Table:
     table = Table(title=title)
-    for col in ("trial", "val_acc", "test_acc", "MMACs", "Mparams", "ms", "CKA", "vector"):
-        table.add_column(col, justify="left" if col in ("trial", "vector") else "right")
+    for col in ("trial", "val_acc", "test_acc", "MMACs", "Mparams", "ms", "CKA", "policy", "vector"):
+        table.add_column(col, justify="left" if col in ("trial", "policy", "vector") else "right")
     for r in front:
         table.add_row(str(r.get("trial_id", "-")), _num(r.get("val_acc"), ".4f"), _num(r.get("test_acc"), ".4f"),
                       _num(r.get("macs"), ".2f", 1e6), _num(r.get("params"), ".3f", 1e6),
                       _num(r.get("latency_ms"), ".2f"),
-                      _num(r.get("cka"), ".3f"), vector_summary(r))
+                      _num(r.get("cka"), ".3f"), policy_summary(r), vector_summary(r))
     return table
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from prunetune.search.config import ExperimentConfig
 from prunetune.search.front_report import write_front_artifacts
 from prunetune.search.pareto import Objective, non_dominated_sort
+from prunetune.search.policy_space import SearchSpace
 from prunetune.search.progress import SearchProgress
 from prunetune.search.samplers import make_sampler
 from prunetune.search.tracking import TrackingTarget, default_uri, log_metrics, retry, start_search_run
@@ -117,8 +118,8 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     objectives = _objectives(cfg)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     structure = describe(parent, example)  # once; every trial gets it through the context
-    distributions = optuna_distributions(structure, cfg.space)
-    searcher = OptunaSearch(distributions, metric=[o.metric for o in objectives],
+    space = SearchSpace(optuna_distributions(structure, cfg.space), cfg.policy)
+    searcher = OptunaSearch(space, metric=[o.metric for o in objectives],
                             mode=[o.mode for o in objectives], sampler=make_sampler(cfg))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
                         parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)
@@ -136,7 +137,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
         run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=0,
                                   callbacks=[progress], log_to_file=True),
     )
-    console.print(f"search space: {', '.join(distributions)}")
+    console.print(f"policy: {', '.join(cfg.policy.names)}; search space: {', '.join(space.keys())}")
     tuner.fit()
 
     records = list(progress.records.values())

@@ -7,6 +7,7 @@ vector and recipe, metrics per epoch, the subnet as spec + safetensors weights).
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ import torch
 from ray import tune
 
 from prunetune.search.config import ExperimentConfig
+from prunetune.search.policy_space import POLICY_KEY, resolve
 from prunetune.search.tracking import ChildRun, TrackingTarget
 from prunetune.spaces import ModelStructure, PruningVector, save_subnet
 from prunetune.trainers.data import load_splits, probe_indices
 from prunetune.trainers.models import build_model
-from prunetune.trainers.trial import CandidateSetup, Epoch, Finished, Materialized, run_candidate
+from prunetune.trainers.distill import DistillConfig
+from prunetune.trainers.policies import Policy
+from prunetune.trainers.trial import CandidateSetup, Epoch, Finished, Iteration, Materialized, run_candidate
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ def _device(cfg: ExperimentConfig) -> torch.device:
     return torch.device("cuda") if cfg.resources.gpu > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector) -> CandidateSetup:
+def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector,
+                policy: Policy | None = None, distill: DistillConfig | None = None) -> CandidateSetup:
     splits = load_splits(cfg.data, seed=cfg.seed, cache_dir=Path(ctx.cache_dir))
     parent = build_model(cfg.model.name, in_channels=splits.in_channels, num_classes=splits.num_classes)
     parent.load_state_dict(ctx.parent_state)
@@ -50,14 +55,15 @@ def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector
                           vector=vector, recipe=cfg.finetune, importance=cfg.space.importance,
                           round_to=cfg.space.round_to, block_criterion=cfg.space.block_criterion,
                           model_name=cfg.model.name, seed=cfg.seed, device=_device(cfg),
-                          cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs", distill=cfg.distill,
-                          structure=ctx.structure)
+                          cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs",
+                          distill=distill or cfg.distill, structure=ctx.structure, policy=policy)
 
 
-def trial_params(cfg: ExperimentConfig, vector: PruningVector) -> dict:
+def trial_params(cfg: ExperimentConfig, vector: PruningVector, policy: Policy, distill: DistillConfig) -> dict:
     recipe = {f"finetune.{k}": v for k, v in cfg.finetune.model_dump().items()}
-    distill = {f"distill.{k}": v for k, v in cfg.distill.model_dump().items()}
-    return {**vector.to_flat(), **recipe, **distill, "importance": cfg.space.importance,
+    kd = {f"distill.{k}": v for k, v in distill.model_dump().items()}
+    hyper = {f"{policy.name}.{k}": v for k, v in policy.get_params().items()}
+    return {**vector.to_flat(), **recipe, **kd, POLICY_KEY: policy.name, **hyper, "importance": cfg.space.importance,
             "round_to": cfg.space.round_to, "block_criterion": cfg.space.block_criterion,
             "seed": cfg.seed, "model": cfg.model.name}
 
@@ -67,21 +73,31 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
     t_start = time.perf_counter()
     cfg = ExperimentConfig.model_validate_json(ctx.config_json, context={"trusted": True})
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    policy, distill = resolve(config, cfg.policy, cfg.distill)
     vector = PruningVector.from_flat(config)
-    if vector.resolution is None and cfg.space.resolutions and len(cfg.space.resolutions) == 1:
+    if (policy.uses_vector and vector.resolution is None and cfg.space.resolutions
+            and len(cfg.space.resolutions) == 1):
         vector = vector.model_copy(update={"resolution": cfg.space.resolutions[0]})
     trial_id = tune.get_context().get_trial_id()
     t_mlflow = time.perf_counter()
     run = ChildRun(ctx.target, trial_id=trial_id, run_name=f"trial-{trial_id}")
-    run.params(trial_params(cfg, vector))
+    run.params(trial_params(cfg, vector, policy, distill))
     mlflow_s = time.perf_counter() - t_mlflow
-    setup = build_setup(cfg, ctx, vector)
+    setup = build_setup(cfg, ctx, vector, policy, distill)
     setup_s = time.perf_counter() - t_start - mlflow_s
     base: dict = {"mlflow_run_id": run.run_id}
     compute_s = 0.0
     in_report = False
+    iterations: list[dict] = []   # the policy's rounds, also kept as policy/iterations.json
     try:
         for event in run_candidate(setup):
+            if isinstance(event, Iteration):
+                compute_s += event.seconds
+                t0 = time.perf_counter()
+                run.metrics({f"{policy.name}.{k}": v for k, v in event.metrics.items()}, step=event.step)
+                iterations.append({"step": event.step, **event.metrics, **event.info})
+                mlflow_s += time.perf_counter() - t0
+                continue
             if isinstance(event, Materialized):
                 extra = {k: v for k, v in (("latency_ms", event.cost.latency_ms),
                                             ("latency_ms_batch", event.cost.latency_ms_batch),
@@ -113,6 +129,10 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_subnet(Path(tmp), event.subnet.spec, event.subnet.module)
                 run.artifacts(Path(tmp), "subnet")
+                if iterations:
+                    with tempfile.TemporaryDirectory() as log_dir:
+                        (Path(log_dir) / "iterations.json").write_text(json.dumps(iterations, indent=1))
+                        run.artifacts(Path(log_dir), "policy")
                 mlflow_s += time.perf_counter() - t0
                 total = time.perf_counter() - t_start
                 timing = {"trial_s": total, "compute_s": compute_s, "mlflow_s": mlflow_s,

@@ -222,3 +222,5 @@ def _register_cifar_resnet(depth: int) -> None:
 
 for _depth in (8, 20, 32, 56, 110):
     _register_cifar_resnet(_depth)
+
+from prunetune.trainers import paper_models as _paper_models  # noqa: E402,F401  (registration)

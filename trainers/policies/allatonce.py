@@ -42,6 +42,8 @@ class AllAtOnceParams(PolicyParams):
     cka_layer: Literal["penultimate", "mean"] = Field(
         default="penultimate", description="compare the penultimate features (paper) or the mean over stage ends")
     max_iterations: int = Field(default=20, ge=1)
+    candidates: Literal["both", "layer", "filter"] = Field(
+        default="both", description="both (the method), or layer-only / filter-only pruning as baselines")
 
 
 @register_policy
@@ -51,6 +53,7 @@ class AllAtOncePolicy(Policy):
     uses_vector = False
     search_space = {"target_macs_ratio": optuna.distributions.FloatDistribution(0.15, 0.9),
                     "match": optuna.distributions.CategoricalDistribution(["macs", "filters"])}
+    test_params = {"target_macs_ratio": 0.7, "recovery_epochs": 1, "iteration_epochs": 1, "min_blocks": 1}
 
     def run(self, setup):
         cfg: AllAtOnceParams = self.params
@@ -63,9 +66,9 @@ class AllAtOncePolicy(Policy):
         step = 0
         while macs > target and step < cfg.max_iterations:
             t1 = time.perf_counter()
-            layer = self._layer_candidate(net)
+            layer = self._layer_candidate(net) if cfg.candidates != "filter" else None
             goal = self._goal(net, layer, macs, target)
-            filt = self._filter_candidate(net, goal)
+            filt = self._filter_candidate(net, goal) if cfg.candidates != "layer" else None
             if layer is None and filt is None:
                 break
             scored = {}

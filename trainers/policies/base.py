@@ -30,6 +30,7 @@ class Policy(ABC):
     Params: ClassVar[type[PolicyParams]] = PolicyParams
     uses_vector: ClassVar[bool] = True   # False: the searched pruning vector is not used (not sampled)
     search_space: ClassVar[dict[str, optuna.distributions.BaseDistribution]] = {}  # default ranges
+    test_params: ClassVar[dict[str, Any]] = {}  # small settings the registry-driven tests run it with
 
     def __init__(self, **params: Any) -> None:
         self.params = self.Params(**params)

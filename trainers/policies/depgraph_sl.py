@@ -44,6 +44,7 @@ class DepGraphSLPolicy(Policy):
     Params = DepGraphSLParams
     search_space = {"reg": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
                     "alpha": optuna.distributions.FloatDistribution(0.0, 6.0)}
+    test_params = {"sparse_epochs": 1}
 
     def run(self, setup):
         import torch_pruning as tp

@@ -83,6 +83,7 @@ class SAPPolicy(Policy):
     uses_vector = False
     search_space = {"p": F(0.1, 0.9), "q": F(1.0, 2.0), "eta_r": F(0.0, 1.0), "gamma": F(0.5, 3.0),
                     "beta": F(0.5, 0.95), "iterations": I(1, 5)}
+    test_params = {"iterations": 2, "epochs_per_iteration": 1}
 
     def run(self, setup):
         cfg: SAPParams = self.params
