@@ -76,7 +76,7 @@ class PolicyConfig(BaseModel):
     def _known(cls, v):
         names = [v] if isinstance(v, str) else v
         if not names:
-            raise ValueError("name an least one policy")
+            raise ValueError("name at least one policy")
         for n in names:
             if n not in POLICIES:
                 raise ValueError(f"unknown policy {n!r}; registered: {', '.join(sorted(POLICIES))}")
@@ -99,6 +99,8 @@ class PolicyConfig(BaseModel):
                 raise ValueError(f"params.{err}") from None
         for key, rng in self.search.items():
             dist = self._default(key)
+            if rng is None and dist is None:
+                raise ValueError(f"search.{key}: has no default range; give low/high or choices")
             if rng is not None:
                 try:
                     for value in _corners(rng.distribution(dist)):
@@ -136,8 +138,6 @@ class PolicyConfig(BaseModel):
         out = {}
         for key, rng in self.search.items():
             default = self._default(key)
-            if rng is None and default is None:
-                raise ValueError(f"search.{key}: has no default range; give low/high or choices")
             out[key] = rng.distribution(default) if rng is not None else default
         return out
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from prunetune.spaces import Cost, ModelStructure, Pruned, PruningVector, describe, measure_full_cost, prune
+from prunetune.spaces import (Cost, ModelStructure, Pruned, PruningVector, describe, measure_full_cost, prune,
+                              state_hash)
 from prunetune.spaces.cost import CostConfig
 from prunetune.spaces.cost_cache import CostCache
 from prunetune.trainers.data import DataSplits
@@ -135,6 +136,13 @@ def train(setup: CandidateSetup, model: nn.Module, epochs: int, **hooks) -> Iter
     yield from train_epochs(model.to(setup.device), setup.splits.train, setup.splits.val, recipe,
                             device=setup.device, seed=setup.seed, teacher=setup.parent,
                             distill=setup.distill, **hooks)
+
+
+def credited_to_parent(setup: CandidateSetup, subnet: Pruned, provenance: str) -> Pruned:
+    """A subnet pruned from a retrained copy of the parent, recorded against the parent itself
+    (its hash) with the policy that chose the channels as provenance."""
+    spec = subnet.spec.model_copy(update={"parent_hash": state_hash(setup.parent), "importance": provenance})
+    return Pruned(subnet.module, spec)
 
 
 def finetune_and_test(setup: CandidateSetup, subnet: Pruned) -> Iterator[Epoch | Finished]:

@@ -59,6 +59,17 @@ BAD = [
     (with_(objectives=[{"metric": "val_acc", "mode": "max"}]), "objectives"),
     (with_(name="has space"), "name"),
     ({"name": "t", "data": {"name": "digits"}}, "model: required key is missing"),
+    (with_(policy={"name": "obd"}), "policy.name: unknown policy 'obd'; registered: allatonce"),
+    (with_(policy={"name": ["sap", "sap"]}), "policy.name"),
+    (with_(policy={"params": {"sap": {"q": 2.0}}}), "policy: params.sap: not among the policies searched"),
+    (with_(policy={"name": "sap", "params": {"sap": {"q": 0.2}}}), "params.sap.q: Value error, q must be greater than p"),
+    (with_(policy={"name": "sap", "params": {"sap": {"warmup": 3}}}), "params.sap.warmup: unknown key"),
+    (with_(policy={"name": "sap", "search": {"sap.zeta": None}}), "search.sap.zeta: sap has no hyperparameter 'zeta'"),
+    (with_(policy={"name": "sap", "search": {"joint.x": None}}), "search.joint.x: policy 'joint' is not among"),
+    (with_(policy={"name": "sap", "search": {"sap.beta": {"low": 0.5, "high": 1.5}}}), "search.sap.beta: sap.beta"),
+    (with_(policy={"name": "sap", "search": {"sap.scope": None}}), "search.sap.scope: has no default range"),
+    (with_(policy={"search": {"distill.alpha": None}}), "search.distill.alpha"),
+    (with_(policy={"search": {"distill.weight": {"low": 0.5}}}), "search.distill.weight"),
 ]
 
 

@@ -24,15 +24,6 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    from prunetune.cluster.connect import connect, disconnect
-
-    connect(None, num_cpus=2)
-    yield
-    disconnect()
-
-
-@pytest.fixture(scope="module")
 def search(ray_local, tmp_path_factory, fashion_mnist_root, cache_dir):
     work = tmp_path_factory.mktemp("search")
     cfg = parse_config({

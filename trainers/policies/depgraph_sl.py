@@ -22,7 +22,7 @@ from prunetune.spaces.backend import TorchPruningBackend
 from prunetune.spaces.importance import get_importance
 from prunetune.trainers.policies.base import Policy, PolicyParams, register_policy
 from prunetune.trainers.sap import pq_index
-from prunetune.trainers.trial import Iteration, example_input, finetune_and_test, measure, parent_structure, train
+from prunetune.trainers.trial import Iteration, credited_to_parent, example_input, finetune_and_test, measure, parent_structure, train
 
 
 class DepGraphSLParams(PolicyParams):
@@ -79,5 +79,6 @@ class DepGraphSLPolicy(Policy):
         subnet = prune(model, setup.vector, example, model_name=setup.model_name, importance="l2",
                        round_to=setup.round_to, block_criterion=setup.block_criterion, probes=setup.probes,
                        structure=structure, seed=setup.seed)
+        subnet = credited_to_parent(setup, subnet, "depgraph-sl")
         yield measure(setup, subnet, t0)
         yield from finetune_and_test(setup, subnet)

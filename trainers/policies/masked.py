@@ -13,14 +13,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from prunetune.spaces import Pruned, exact_vector, prune, state_hash
+from prunetune.spaces import Pruned, exact_vector, prune
 from prunetune.spaces.backend import TorchPruningBackend
 from prunetune.spaces.blocks import bypass
 from prunetune.spaces.engine import ModelStructure
 from prunetune.spaces.importance import get_importance
 from prunetune.spaces.masks import Masks, apply_masks, group_masks, merge
 from prunetune.trainers.finetune import EpochStats
-from prunetune.trainers.trial import CandidateSetup, example_input, parent_structure, train
+from prunetune.trainers.trial import CandidateSetup, credited_to_parent, example_input, parent_structure, train
 
 
 def _inside(name: str, block: str) -> bool:
@@ -104,9 +104,7 @@ class MaskedNet:
         pruned = prune(self.model, vector, self.example, model_name=self.setup.model_name, importance="l2",
                        structure=self.structure, seed=self.setup.seed, drop_blocks=self.removed, keep=keep)
         pruned.module.eval()
-        spec = pruned.spec.model_copy(update={"parent_hash": state_hash(self.setup.parent),
-                                              "importance": provenance})
-        return Pruned(pruned.module, spec)
+        return credited_to_parent(self.setup, pruned, provenance)
 
     def macs(self) -> int:
         from prunetune.spaces.cost import measure_cost

@@ -33,7 +33,7 @@ from prunetune.trainers.finetune import evaluate
 from prunetune.trainers.policies.base import Policy, PolicyParams, register_policy
 from prunetune.trainers.policies.masked import MaskedNet
 from prunetune.trainers.sap import SAPConfig, prune_count, pq_index, sap_step
-from prunetune.trainers.trial import Iteration, example_input, finetune_and_test, measure, train
+from prunetune.trainers.trial import Iteration, credited_to_parent, example_input, finetune_and_test, measure, train
 
 F = optuna.distributions.FloatDistribution
 I = optuna.distributions.IntDistribution  # noqa: E741
@@ -125,7 +125,7 @@ class SAPPolicy(Policy):
                             time.perf_counter() - t1)
         base = prune(model, PruningVector(), example_input(setup), model_name=setup.model_name,
                      structure=setup.structure, seed=setup.seed)
-        yield type(base)(base.module, base.spec.model_copy(update={"importance": "sap-unstructured"}))
+        yield credited_to_parent(setup, base, "sap-unstructured")
 
     def _structured(self, setup):
         cfg: SAPParams = self.params
