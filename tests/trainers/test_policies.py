@@ -142,12 +142,15 @@ def test_sap_structured_gives_a_smaller_network(world):
     assert all(0.0 <= e.metrics["pqi"] <= 1.0 for e in its) and its[-1].metrics["remaining"] < 1.0
 
 
-def test_sap_rewind_restores_the_seeded_init(world):
-    from prunetune.trainers.policies.sap import _init_state
+def test_sap_rewind_target_is_the_parents_own_init(world):
+    from prunetune.trainers.policies.sap import initial_state
 
-    a, b = _init_state(world[1], 5), _init_state(world[1], 5)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["conv1.weight"], world[1].state_dict()["conv1.weight"])
+    setup = _setup(world, None)
+    w_init = initial_state(setup)
+    torch.manual_seed(setup.seed)  # how get_parent builds a parent before training it
+    built = build_model(setup.model_name, in_channels=1, num_classes=10).state_dict()
+    assert all(torch.equal(w_init[k], built[k]) for k in built)
+    assert not torch.equal(w_init["conv1.weight"], world[1].state_dict()["conv1.weight"])
 
 
 def test_sap_neuron_scope_is_unstructured_only():

@@ -11,8 +11,8 @@ them -> train E epochs. The parent is the trained round-0 network.
   (each group); the c_t lowest-norm channels are switched off and finally removed, giving a
   physically smaller network.
 
-`between: rewind` restores the seeded random initialisation w_init (times the mask) before
-training, as Algorithm 1; `finetune` keeps training the pruned weights (cheaper; the paper
+`between: rewind` restores the initial weights w_init (times the mask) before training, as
+Algorithm 1 (see `initial_state`); `finetune` keeps training the pruned weights (cheaper; the paper
 does not test it, PAPERS.md). PQI, counts, remaining share and accuracy go to MLflow each round.
 """
 
@@ -57,8 +57,28 @@ class SAPParams(PolicyParams, SAPConfig):
         return self
 
 
+def initial_state(setup) -> dict[str, torch.Tensor]:
+    """w_init for rewinding: the parent's own initial weights when prunetune trained it (its
+    factory under the same seed, as `trainers.parent.get_parent` does). For a parent loaded from
+    a checkpoint the true init is unknown and this is a fresh seeded init of the architecture,
+    so `rewind` then means re-initialising, not lottery-ticket rewinding."""
+    if not setup.model_name:
+        return _init_state(setup.parent, setup.seed)
+    from prunetune.trainers.models import build_model
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(setup.seed)
+    try:
+        fresh = build_model(setup.model_name, in_channels=setup.splits.in_channels,
+                            num_classes=setup.splits.num_classes)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return {k: v.clone() for k, v in fresh.state_dict().items()}
+
+
 def _init_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """w_init: the architecture's own seeded random initialisation."""
+    """A seeded re-initialisation through each layer's `reset_parameters` (inits a model's
+    constructor applies afterwards are not reproduced: prefer `initial_state`)."""
     fresh = copy.deepcopy(model)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -107,7 +127,7 @@ class SAPPolicy(Policy):
     def _unstructured(self, setup):
         cfg: SAPParams = self.params
         model = copy.deepcopy(setup.parent).cpu().eval()
-        w_init = _init_state(model, setup.seed) if cfg.between == "rewind" else None
+        w_init = initial_state(setup) if cfg.between == "rewind" else None
         masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in _prunable_weights(model).items()}
         total = sum(m.numel() for m in masks.values())
         for t in range(1, cfg.iterations + 1):
@@ -130,7 +150,7 @@ class SAPPolicy(Policy):
     def _structured(self, setup):
         cfg: SAPParams = self.params
         net = MaskedNet(setup)
-        w_init = _init_state(net.model, setup.seed) if cfg.between == "rewind" else None
+        w_init = initial_state(setup) if cfg.between == "rewind" else None
         total = sum(net.sizes.values())
         for t in range(1, cfg.iterations + 1):
             t1 = time.perf_counter()
