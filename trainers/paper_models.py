@@ -9,9 +9,10 @@ Sparsity Perspective", ICLR 2023, arXiv 2302.05601), registered as ``paper:mlp``
   ``PAPER_CNN_WIDTHS`` = [64, 128, 256, 512]; the registered model uses ``CNN_WIDTHS``, the
   paper's widths divided by ``CNN_WIDTH_DIVISOR`` so that many prune-retrain rounds fit on a CPU.
 
-Both keep PyTorch's default initialisation, so re-seeding and calling ``reset_parameters`` on
-every module (how SAP's rewind builds w_init) reproduces the weights ``build_model`` gives
-under the same seed.
+Initialisation follows the paper's code: conv weights Kaiming-normal (fan_out, ReLU), linear
+weights PyTorch's default, every bias zero, BatchNorm 1/0. It lives in the layers'
+``reset_parameters``, so re-seeding and resetting every module (how the SAP policy builds its
+rewind point w_init) reproduces the weights ``build_model`` gives under the same seed.
 
 Example:
     >>> import torch
@@ -37,15 +38,33 @@ CNN_WIDTH_DIVISOR = 4
 CNN_WIDTHS = tuple(w // CNN_WIDTH_DIVISOR for w in PAPER_CNN_WIDTHS)  # (16, 32, 64, 128)
 
 
+class PaperConv2d(nn.Conv2d):
+    """Conv2d initialised as the paper's code: Kaiming-normal weights (fan_out, ReLU), zero bias."""
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class PaperLinear(nn.Linear):
+    """Linear with PyTorch's default weight initialisation and a zero bias, as the paper's code."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 def paper_mlp(in_channels: int, num_classes: int, *, hidden: int = MLP_HIDDEN,
               layers: int = MLP_LAYERS) -> nn.Sequential:
     """Pool to 28x28, flatten, ``layers`` x (Linear(hidden) + ReLU), Linear(num_classes)."""
     blocks: list[nn.Module] = [nn.AdaptiveAvgPool2d(MLP_INPUT_SIZE), nn.Flatten()]
     width = in_channels * MLP_INPUT_SIZE * MLP_INPUT_SIZE
     for _ in range(layers):
-        blocks += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        blocks += [PaperLinear(width, hidden), nn.ReLU(inplace=True)]
         width = hidden
-    blocks.append(nn.Linear(width, num_classes))
+    blocks.append(PaperLinear(width, num_classes))
     return nn.Sequential(*blocks)
 
 
@@ -57,14 +76,14 @@ class PaperCNN(nn.Module):
         stages: list[nn.Module] = []
         width_in = in_channels
         for i, width in enumerate(widths):
-            stages += [nn.Conv2d(width_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            stages += [PaperConv2d(width_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             if i < len(widths) - 1:
                 stages.append(nn.MaxPool2d(2))
             width_in = width
         self.features = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(width_in, num_classes)
+        self.classifier = PaperLinear(width_in, num_classes)
 
     def forward(self, x):
         return self.classifier(self.flatten(self.pool(self.features(x))))
