@@ -55,6 +55,12 @@ class PruningBackend(ABC):
     def prune(self, root: str, idxs: list[int]) -> None:
         """Remove channels `idxs` of the group rooted at `root`, and every coupled slice."""
 
+    @abstractmethod
+    def slices(self, root: str, idxs: list[int]) -> list[tuple[str, str, list[int]]]:
+        """What removing `idxs` of the group would touch, without touching it: one
+        (module name, operation, indices) per coupled layer; operation names the layer kind and
+        side, e.g. `conv_out`, `conv_in`, `linear_in`, `batchnorm_out`, `depthwise_conv_out`."""
+
 
 @register_backend("torch-pruning")
 class TorchPruningBackend(PruningBackend):
@@ -104,6 +110,21 @@ class TorchPruningBackend(PruningBackend):
     def scores(self, root: str, importance) -> torch.Tensor:
         size = _out_size(self.model.get_submodule(root))
         return importance(self._group(root, list(range(size))))
+
+    def slices(self, root: str, idxs: list[int]) -> list[tuple[str, str, list[int]]]:
+        try:
+            self.model.get_submodule(root)
+        except AttributeError:
+            raise ValueError(f"{root}: no such layer in the model") from None
+        ops = {getattr(self._tp, n): n.removeprefix("prune_").removesuffix("_channels")
+               for n in dir(self._tp) if n.startswith("prune_") and n.endswith("_channels")}
+        out = []
+        for dep, dep_idxs in self._group(root, idxs):
+            module = dep.target.module
+            if isinstance(module, nn.Module) and module in self._names:
+                op = next((name for fn, name in ops.items() if fn == dep.handler), repr(dep.handler))
+                out.append((self._names[module], op, [int(i) for i in dep_idxs]))
+        return out
 
     def prune(self, root: str, idxs: list[int]) -> None:
         if not idxs:

@@ -21,59 +21,45 @@ from prunetune.spaces.common import PruningError
 Masks = dict[str, torch.Tensor]   # parameter name -> 0/1 tensor of the parameter's shape
 
 
-def _slices(handler_name: str, module: nn.Module) -> list[tuple[str, int]]:
-    """(parameter attribute, dim) that a handler's indices address; [] for parameter-free nodes."""
-    if handler_name in ("prune_conv_out_channels", "prune_linear_out_channels",
-                        "prune_depthwise_conv_out_channels", "prune_depthwise_conv_in_channels"):
+def _params_addressed(op: str, module: nn.Module) -> list[tuple[str, int]]:
+    """(parameter attribute, dim) that a backend operation's indices address; [] when none."""
+    if op in ("conv_out", "linear_out", "depthwise_conv_out", "depthwise_conv_in"):
         return [("weight", 0), ("bias", 0)]
-    if handler_name in ("prune_conv_in_channels", "prune_linear_in_channels"):
+    if op in ("conv_in", "linear_in"):
         if isinstance(module, nn.Conv2d) and module.groups > 1:
             raise PruningError(f"{type(module).__name__} with groups={module.groups}: grouped inputs cannot be masked")
         return [("weight", 1)]
-    if any(handler_name.startswith(f"prune_{k}_") for k in ("batchnorm", "layernorm", "groupnorm", "instancenorm")):
+    if op.split("_")[0] in ("batchnorm", "layernorm", "groupnorm", "instancenorm"):
         return [("weight", 0), ("bias", 0)]
-    if handler_name.startswith("prune_prelu_"):
+    if op.startswith("prelu_"):
         return [("weight", 0)] if module.weight.numel() > 1 else []
     if not list(module.parameters(recurse=False)):
         return []
-    raise PruningError(f"{type(module).__name__}: cannot mask its channels ({handler_name})")
-
-
-def _handler_name(handler) -> str:
-    """torch-pruning's public name of a pruning function (they are bound methods of pruner objects)."""
-    import torch_pruning as tp
-
-    for name in dir(tp):
-        if name.startswith("prune_") and getattr(tp, name) == handler:
-            return name
-    return getattr(handler, "__qualname__", repr(handler))
+    raise PruningError(f"{type(module).__name__}: cannot mask its channels ({op})")
 
 
 def group_masks(model: nn.Module, example_input: torch.Tensor, off: Mapping[str, Iterable[int]], *,
                 ignored: tuple[str, ...] = ()) -> Masks:
     """Masks that switch off channels `off[root]` of each group (and every coupled slice)."""
     backend = TorchPruningBackend(model, example_input, ignored=ignored)
-    names = {m: n for n, m in model.named_modules()}
     masks: Masks = {}
     for root, idxs in off.items():
         idxs = sorted(int(i) for i in idxs)
         if not idxs:
             continue
         try:
-            group = backend._group(root, idxs)
-        except AttributeError:
-            raise PruningError(f"{root}: no such layer in the model") from None
-        for dep, dep_idxs in group:
-            module = dep.target.module
-            if not isinstance(module, nn.Module):
-                continue
-            for attr, dim in _slices(_handler_name(dep.handler), module):
+            slices = backend.slices(root, idxs)
+        except ValueError as err:
+            raise PruningError(str(err)) from None
+        for name, op, dep_idxs in slices:
+            module = model.get_submodule(name)
+            for attr, dim in _params_addressed(op, module):
                 p = getattr(module, attr, None)
                 if not isinstance(p, nn.Parameter):
                     continue
-                key = f"{names[module]}.{attr}" if names[module] else attr
+                key = f"{name}.{attr}" if name else attr
                 m = masks.setdefault(key, torch.ones_like(p, dtype=torch.bool))
-                m.index_fill_(dim, torch.as_tensor(list(dep_idxs), dtype=torch.long, device=m.device), False)
+                m.index_fill_(dim, torch.as_tensor(dep_idxs, dtype=torch.long, device=m.device), False)
     return masks
 
 
