@@ -32,7 +32,7 @@ from prunetune.spaces.masks import apply_masks
 from prunetune.trainers.finetune import evaluate
 from prunetune.trainers.policies.base import Policy, PolicyParams, register_policy
 from prunetune.trainers.policies.masked import MaskedNet
-from prunetune.trainers.sap import SAPConfig, prune_count, pq_index, sap_step
+from prunetune.trainers.sap import SAPConfig, prune_count, pq_index, sap_step, structured_prune_count
 from prunetune.trainers.trial import Iteration, credited_to_parent, example_input, finetune_and_test, measure, train
 
 F = optuna.distributions.FloatDistribution
@@ -176,7 +176,7 @@ class SAPPolicy(Policy):
             pqis = []
             for r, g in norms.items():
                 pqis.append(pq_index(g, cfg.p, cfg.q))
-                c = min(prune_count(g.numel(), pqis[-1], cfg), g.numel() - 1)
+                c = structured_prune_count(g, cfg)
                 order = torch.argsort(g, stable=True)[:c]
                 off[r] = [net.alive[r][int(i)] for i in order]
             return off, sum(pqis) / max(len(pqis), 1)
