@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prunetune.search.front_html import render_front_html
 from prunetune.search.pareto import (
     Objective,
     objective_values,
@@ -126,7 +127,7 @@ def write_front_artifacts(
     title: str,
     parent: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
-    """Write front.json, front.csv, trials.csv and front.png for finished trials into `out_dir`.
+    """Write front.json, front.csv, trials.csv, front.png and front.html (interactive) into `out_dir`.
 
     front.json always has "objectives", "front" (records in front order) and "n_trials";
     "reference_point" and "hypervolume" are filled when `parent` is given and there are
@@ -159,6 +160,7 @@ def write_front_artifacts(
         "csv": out_dir / "front.csv",
         "trials_csv": out_dir / "trials.csv",
         "png": out_dir / "front.png",
+        "html": out_dir / "front.html",
     }
     payload = {
         "objectives": [{"metric": o.metric, "mode": o.mode} for o in objectives],
@@ -173,4 +175,6 @@ def write_front_artifacts(
     _write_csv(paths["trials_csv"], ranked, _columns(ranked, [*metrics, "pareto_rank"]))
     others = [r for r in records if r.get("status") != FINISHED]
     _write_png(paths["png"], finished, front, others, objectives, title, parent)
+    paths["html"].write_text(render_front_html(records, {r.get("trial_id") for r in front}, objectives,
+                                               title=title, parent=parent))
     return paths

@@ -6,7 +6,6 @@ for a bad config.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -18,7 +17,7 @@ import yaml
 from rich.console import Console
 
 from prunetune.search.config import ExperimentConfig
-from prunetune.search.front_report import write_front_artifacts
+from prunetune.search.live_front import LiveFront
 from prunetune.search.pareto import Objective, non_dominated_sort
 from prunetune.search.policy_space import SearchSpace
 from prunetune.search.progress import SearchProgress
@@ -30,7 +29,6 @@ from prunetune.spaces.cost_cache import CostCache
 from prunetune.trainers.data import load_splits
 from prunetune.trainers.parent import get_parent
 
-FRONT_ARTIFACTS = "front"
 
 
 @dataclass
@@ -126,6 +124,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     progress = SearchProgress(objectives, cfg.budget.trials, console)
+    live = LiveFront(progress, objectives, target, parent=parent_rec, title=f"{cfg.name}: Pareto front")
     storage = cfg.ray.storage_path.expanduser().resolve()
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tuner = tune.Tuner(
@@ -135,38 +134,29 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
                                     reuse_actors=cfg.ray.reuse_actors,
                                     time_budget_s=cfg.budget.time_budget_s),
         run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=0,
-                                  callbacks=[progress], log_to_file=True),
+                                  callbacks=[progress, live], log_to_file=True),
     )
     console.print(f"policy: {', '.join(cfg.policy.names)}; search space: {', '.join(space.keys())}")
     tuner.fit()
 
     records = list(progress.records.values())
-    outcome = _finish(cfg, client, target, records, objectives, parent_rec, storage / run_name, t0)
+    outcome = _finish(cfg, client, target, records, objectives, live, storage / run_name, t0)
     return outcome
 
 
-def _finish(cfg, client, target, records, objectives, parent_rec, storage, t0) -> SearchOutcome:
+def _finish(cfg, client, target, records, objectives, live: LiveFront, storage, t0) -> SearchOutcome:
     finished = [r for r in records if r.get("status") == "finished"]
     ranks = non_dominated_sort([[r.get(o.metric) for o in objectives] for r in finished],
                                [o.mode for o in objectives]) if finished else []
     for r, rank in zip(finished, ranks):
         r["pareto_rank"] = rank
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_front_artifacts(records, objectives, Path(tmp), title=f"{cfg.name}: Pareto front",
-                                      parent=parent_rec)
-        retry(lambda: client.log_artifacts(target.parent_run_id, tmp, FRONT_ARTIFACTS))
-        doc = json.loads(Path(paths["json"]).read_text())
-    for r in finished:
-        run_id = r.get("mlflow_run_id")
-        if run_id:
-            retry(lambda: client.set_tag(run_id, "pareto_rank", str(r["pareto_rank"])))
-            retry(lambda: client.set_tag(run_id, "pareto_front", str(r["pareto_rank"] == 0).lower()))
+    doc = live.update()  # final front artifacts, hypervolume and rank tags
+    if not doc:
+        raise RuntimeError("could not write the final Pareto front to MLflow (see the message above)")
     hv = doc.get("hypervolume")
     walls = [r for r in finished if r.get("wall_s") and r.get("compute_s") is not None]
     summary = {"trials_finished": len(finished), "trials_failed": sum(r.get("status") == "error" for r in records),
-               "front_size": len(doc.get("front", [])), "search_wall_s": time.monotonic() - t0}
-    if hv is not None:
-        summary["hypervolume"] = hv
+               "search_wall_s": time.monotonic() - t0}
     if walls:
         summary["overhead_fraction"] = sum(1 - r["compute_s"] / r["wall_s"] for r in walls) / len(walls)
         summary["trial_wall_s_mean"] = sum(r["wall_s"] for r in walls) / len(walls)

@@ -36,7 +36,7 @@ def _is_png(path):
 
 def test_writes_all_artifacts(tmp_path):
     paths = write_front_artifacts(_records(), OBJECTIVES, tmp_path / "out", title="resnet18 front", parent=PARENT)
-    assert set(paths) == {"json", "csv", "trials_csv", "png"}
+    assert set(paths) == {"json", "csv", "trials_csv", "png", "html"}
     assert all(p.is_file() for p in paths.values())
 
     doc = json.loads(paths["json"].read_text())

@@ -91,7 +91,7 @@ def test_front_artifacts_and_tags(search):
     cfg, outcome, client = search
     parent = outcome.target.parent_run_id
     names = {a.path for a in client.list_artifacts(parent, "front")}
-    assert {"front/front.json", "front/front.csv", "front/front.png", "front/trials.csv"} <= names
+    assert {"front/front.json", "front/front.csv", "front/front.png", "front/trials.csv", "front/front.html"} <= names
     assert any(a.path == "config.yaml" for a in client.list_artifacts(parent))
     _, children = _runs(client, outcome)
     front_ids = {r["trial_id"] for r in outcome.front}
@@ -103,6 +103,19 @@ def test_front_artifacts_and_tags(search):
     for r in outcome.front:
         assert not any(a >= r["val_acc"] and m <= r["macs"] and (a, m) != (r["val_acc"], r["macs"])
                        for a, m in finished)
+
+
+def test_front_was_live_in_mlflow(search):
+    cfg, outcome, client = search
+    parent = outcome.target.parent_run_id
+    hv = client.get_metric_history(parent, "hypervolume")
+    assert [m.step for m in hv] == list(range(1, TRIALS + 1)), "one point per finished trial"
+    values = [m.value for m in hv]
+    assert values == sorted(values) and values[-1] == pytest.approx(outcome.hypervolume)
+    by_time = client.get_metric_history(parent, "hypervolume_by_time")
+    assert [m.value for m in by_time] == values and [m.step for m in by_time] == sorted(m.step for m in by_time)
+    sizes = client.get_metric_history(parent, "front_size")
+    assert sizes[-1].value == len(outcome.front)
 
 
 def test_front_subnet_rebuilds_and_reproduces_its_test_accuracy(search, cache_dir, tmp_path):
