@@ -107,12 +107,20 @@ def parent_structure(setup: CandidateSetup) -> ModelStructure:
 
 def cka_against_parent(setup: CandidateSetup, model: nn.Module, resolution: int | None = None) -> dict[str, float]:
     """Linear CKA of `model` to the parent on the probes, per stage end + penultimate + "mean"."""
+    return cka_between(setup, setup.parent, model, resolution)
+
+
+def cka_between(setup: CandidateSetup, reference: nn.Module, model: nn.Module,
+                resolution: int | None = None) -> dict[str, float]:
+    """Linear CKA of `model` to `reference` (the parent or a pruned version of it) on the probes.
+    Stages that a bypassed block hides in either network are left out."""
     structure = parent_structure(setup)
-    stages = probe_stages(structure)
-    parent_feats = probe_features(setup.parent, setup.probes, stages, classifier=structure.classifier)
+    names = {n for n, _ in reference.named_modules()} & {n for n, _ in model.named_modules()}
+    stages = [s for s in probe_stages(structure) if s in names]
+    ref_feats = probe_features(reference, setup.probes, stages, classifier=structure.classifier)
     child_feats = probe_features(model, setup.probes, stages, classifier=structure.classifier,
                                  resolution=resolution)
-    return cka_to_parent(parent_feats, child_feats)
+    return cka_to_parent(ref_feats, child_feats)
 
 
 def measure(setup: CandidateSetup, subnet: Pruned, t0: float) -> Materialized:

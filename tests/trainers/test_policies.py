@@ -170,8 +170,9 @@ def test_allatonce_reaches_the_target_with_matched_candidates(deep_world):
     for e in its:
         assert e.info["choice"] in ("layer", "filter")
         if "macs_layer" in e.metrics and "macs_filter" in e.metrics:
-            assert e.metrics["macs_filter"] <= e.metrics["macs_layer"], "filter candidate removes at least as much"
-            assert e.metrics["macs_filter"] >= 0.8 * e.metrics["macs_layer"], "and not far more"
+            goal = max(e.metrics["macs_layer"], 0.6 * parent_macs)  # the last step only goes down to the target
+            assert e.metrics["macs_filter"] <= goal, "filter candidate removes at least the matched amount"
+            assert e.metrics["macs_filter"] >= 0.8 * goal, "and not far more"
             better = "layer" if e.metrics["cka_layer"] >= e.metrics["cka_filter"] else "filter"
             assert e.info["choice"] == better
 
@@ -180,7 +181,7 @@ def test_allatonce_tie_goes_to_the_layer_candidate(deep_world, monkeypatch):
     from prunetune.trainers.policies import allatonce
 
     # A tie in CKA cannot be arranged with real weights; the comparison is what is tested.
-    monkeypatch.setattr(allatonce.AllAtOncePolicy, "_cka", lambda self, setup, cand: 0.5)
+    monkeypatch.setattr(allatonce.AllAtOncePolicy, "_cka", lambda self, setup, reference, cand: 0.5)
     policy = make_policy("allatonce", {"target_macs_ratio": 0.9, "min_blocks": 1, "recovery_epochs": 0,
                                        "iteration_epochs": 0, "max_iterations": 1})
     its = [e for e in run_candidate(_setup(deep_world, policy, epochs=0)) if isinstance(e, Iteration)]

@@ -5,8 +5,10 @@ lowest-scoring removable block bypassed) and a filter candidate that removes a m
 (equal MACs by default [ours]; equal filter count as in the paper's code) as a uniform share of
 every prunable layer's remaining channels. Both get a short recovery fine-tune; the one with
 the higher linear CKA to the parent on the validation probes wins (a tie goes to the layer
-candidate) and gets a longer fine-tune. Repeat until the MACs target is met or nothing is
-removable; then the trial's final fine-tune. Every choice, both CKAs, MACs and accuracies go
+candidate) and gets a longer fine-tune; the winner is the next iteration's reference. Repeat
+until the MACs target is met or nothing is removable; then the trial's final fine-tune. [ours]:
+the filter candidate never goes below the target, so the last step lands on it; the
+`candidates: layer|filter` baselines remove the same amount per iteration as the method. Every choice, both CKAs, MACs and accuracies go
 to MLflow. Epochs are the paper's 10 + 190 per iteration scaled to `recovery_epochs` and
 `iteration_epochs`; the candidates train one after the other inside the trial.
 """
@@ -25,7 +27,7 @@ from prunetune.spaces.engine import _widths
 from prunetune.trainers.finetune import evaluate
 from prunetune.trainers.policies.base import Policy, PolicyParams, register_policy
 from prunetune.trainers.policies.masked import MaskedNet
-from prunetune.trainers.trial import Iteration, cka_against_parent, finetune_and_test, measure
+from prunetune.trainers.trial import Iteration, cka_between, finetune_and_test, measure
 
 
 class AllAtOnceParams(PolicyParams):
@@ -41,6 +43,8 @@ class AllAtOnceParams(PolicyParams):
     min_blocks: int = Field(default=2, ge=1, description="a stage keeps at least this many blocks (paper: 2)")
     cka_layer: Literal["penultimate", "mean"] = Field(
         default="penultimate", description="compare the penultimate features (paper) or the mean over stage ends")
+    cka_reference: Literal["current", "original"] = Field(
+        default="current", description="candidates are compared with the network they came from (paper) or the original parent")
     max_iterations: int = Field(default=20, ge=1)
     candidates: Literal["both", "layer", "filter"] = Field(
         default="both", description="both (the method), or layer-only / filter-only pruning as baselines")
@@ -66,11 +70,14 @@ class AllAtOncePolicy(Policy):
         step = 0
         while macs > target and step < cfg.max_iterations:
             t1 = time.perf_counter()
-            layer = self._layer_candidate(net) if cfg.candidates != "filter" else None
+            layer = self._layer_candidate(net)
             goal = self._goal(net, layer, macs, target)
             filt = self._filter_candidate(net, goal) if cfg.candidates != "layer" else None
+            if cfg.candidates == "filter":
+                layer = None  # it only set the amount the filter candidate removes
             if layer is None and filt is None:
                 break
+            reference = net.model if cfg.cka_reference == "current" else setup.parent
             scored = {}
             for kind, pair in (("layer", layer), ("filter", filt)):
                 if pair is None:
@@ -78,7 +85,7 @@ class AllAtOncePolicy(Policy):
                 cand, what = pair
                 for _ in cand.train(cfg.recovery_epochs):
                     pass
-                scored[kind] = (self._cka(setup, cand), cand, what)
+                scored[kind] = (self._cka(setup, reference, cand), cand, what)
             choice = "layer" if "layer" in scored and scored["layer"][0] >= scored.get("filter", (-1.0,))[0] else "filter"
             net = scored[choice][1]
             for _ in net.train(cfg.iteration_epochs):
@@ -97,8 +104,8 @@ class AllAtOncePolicy(Policy):
         yield measure(setup, subnet, t0)
         yield from finetune_and_test(setup, subnet)
 
-    def _cka(self, setup, cand: MaskedNet) -> float:
-        ckas = cka_against_parent(setup, cand.model)
+    def _cka(self, setup, reference, cand: MaskedNet) -> float:
+        ckas = cka_between(setup, reference, cand.model)
         return ckas["penultimate" if self.params.cka_layer == "penultimate" else "mean"]
 
     def _layer_candidate(self, net: MaskedNet):
@@ -113,12 +120,13 @@ class AllAtOncePolicy(Policy):
         return cand, {"macs": cand.macs(), "removed": worst}
 
     def _goal(self, net, layer, macs, target) -> dict:
-        """What the filter candidate must remove: the layer candidate's MACs or filters; with no
-        layer candidate left, down to the target but at most half the MACs per iteration."""
+        """What the filter candidate must leave: the layer candidate's MACs (or filters), but
+        never below the target (the last step removes only what the target needs) [ours]; with
+        no layer candidate left, down to the target but at most half the MACs per iteration."""
         if layer is None:
             return {"macs": max(target, macs / 2)}
-        if self.params.match == "macs":
-            return {"macs": layer[1]["macs"]}
+        if self.params.match == "macs" or layer[1]["macs"] < target:
+            return {"macs": max(layer[1]["macs"], target)}
         return {"filters": _filters(layer[0])}
 
     def _filter_candidate(self, net: MaskedNet, goal: dict):
