@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from prunetune.search.policy_space import PolicyConfig
+from prunetune.search.samplers import grid_values
 from prunetune.spaces import SpaceConfig
 from prunetune.spaces.cost import CostConfig
 from prunetune.trainers.data import DataConfig
@@ -83,7 +84,7 @@ class BudgetConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    name: Literal["nsga2", "tpe", "random"] = "nsga2"
+    name: Literal["nsga2", "tpe", "random", "grid"] = "nsga2"
     population_size: int | None = Field(default=None, ge=2,
                                         description="NSGA-II generation size; default max(4, trials // 3)")
 
@@ -145,6 +146,24 @@ class ExperimentConfig(_Strict):
             raise ValueError("objectives: latency_ms needs cost.latency: true")
         if len(self.objectives) < 2 or len(set(metrics)) != len(metrics):
             raise ValueError("objectives: need at least two distinct metrics, e.g. val_acc/max and macs/min")
+        return self
+
+    @model_validator(mode="after")
+    def _grid_is_discrete(self):
+        if self.sampler.name != "grid":
+            return self
+        if len(self.policy.names) > 1:
+            raise ValueError("sampler.name: grid searches one policy at a time (policy.name lists several)")
+        for key in ("channel_ratio", "head_ratio"):
+            r = getattr(self.space, key)
+            if r.low < r.high and r.step is None:
+                raise ValueError(f"space.{key}.step: the grid sampler needs a step")
+        for key, rng in self.policy.search.items():
+            dist = self.policy.distributions()[key]
+            try:
+                grid_values(dist, key)
+            except ValueError as err:
+                raise ValueError(f"policy.search.{err}") from None
         return self
 
     @model_validator(mode="after")

@@ -180,6 +180,13 @@ class SearchSpace:
                 suggest(trial, key, dist)
         return fixed
 
+    def single_policy_distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """Everything a trial samples when one policy is searched (what a grid enumerates)."""
+        if len(self.names) != 1:
+            raise ValueError("policy.name: several policies make a conditional space")
+        vector = self.vector if POLICIES[self.names[0]].uses_vector else {}
+        return {**vector, **self.hyper}
+
     def keys(self) -> list[str]:
         return ([POLICY_KEY] if len(self.names) > 1 else []) + list(self.vector) + list(self.hyper)
 

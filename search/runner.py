@@ -21,7 +21,7 @@ from prunetune.search.live_front import LiveFront
 from prunetune.search.pareto import Objective, non_dominated_sort
 from prunetune.search.policy_space import SearchSpace
 from prunetune.search.progress import SearchProgress
-from prunetune.search.samplers import make_sampler
+from prunetune.search.samplers import grid_size, grid_space, make_sampler
 from prunetune.search.tracking import TrackingTarget, default_uri, log_metrics, retry, start_search_run
 from prunetune.search.trainable import SearchContext, run_trial
 from prunetune.spaces import describe, measure_full_cost, optuna_distributions
@@ -117,19 +117,23 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     structure = describe(parent, example)  # once; every trial gets it through the context
     space = SearchSpace(optuna_distributions(structure, cfg.space), cfg.policy)
+    grid = grid_space(space.single_policy_distributions()) if cfg.sampler.name == "grid" else None
+    trials = min(cfg.budget.trials, grid_size(grid)) if grid is not None else cfg.budget.trials
+    if trials < cfg.budget.trials:
+        console.print(f"grid of {trials} points: {trials} trials instead of {cfg.budget.trials}")
     searcher = OptunaSearch(space, metric=[o.metric for o in objectives],
-                            mode=[o.mode for o in objectives], sampler=make_sampler(cfg))
+                            mode=[o.mode for o in objectives], sampler=make_sampler(cfg, grid))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
                         parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-    progress = SearchProgress(objectives, cfg.budget.trials, console)
+    progress = SearchProgress(objectives, trials, console)
     live = LiveFront(progress, objectives, target, parent=parent_rec, title=f"{cfg.name}: Pareto front")
     storage = cfg.ray.storage_path.expanduser().resolve()
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.budget.trials,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials,
                                     max_concurrent_trials=cfg.budget.concurrency,
                                     reuse_actors=cfg.ray.reuse_actors,
                                     time_budget_s=cfg.budget.time_budget_s),
