@@ -1,4 +1,4 @@
-"""`prunetune` command line: search, front, prune, verify.
+"""`prunetune` command line: search, front, prune, verify, pick.
 
 Exit codes: 0 success, 1 the search ran but failed, 2 bad input (config, arguments,
 unknown experiment). Heavy imports (torch, ray, mlflow) happen only after the input is valid.
@@ -44,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeats", type=int, default=20, help="timed runs per latency measurement")
     v = sub.add_parser("verify", help="rebuild DIR's subnet from spec + weights; check the exports agree")
     v.add_argument("dir")
+    pk = sub.add_parser("pick", help="choose a subnet from an experiment's front: rebuild, re-test, export to "
+                                     "DIR, register it in the MLflow Model Registry")
+    pk.add_argument("experiment", help="MLflow experiment name (the config's `name` by default)")
+    pk.add_argument("--max-macs", type=float, default=None, metavar="M", help="most MACs allowed, e.g. 2e6")
+    pk.add_argument("--max-latency-ms", type=float, default=None, metavar="L",
+                    help="highest latency (batch 1, as measured by the search) allowed, in ms")
+    pk.add_argument("--min-accuracy", type=float, default=None, metavar="A",
+                    help="lowest validation accuracy allowed, in [0, 1]")
+    pk.add_argument("--model-name", default=None, help="registered model name (default: EXPERIMENT-subnet)")
+    pk.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
+    pk.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty)")
     return p
 
 
@@ -88,6 +99,28 @@ def cmd_front(args, console: Console) -> int:
     return 0
 
 
+def _pick_argument_error(args) -> str | None:
+    """The first unusable `pick` flag, as a message; None when all are usable."""
+    for flag, value in (("--max-macs", args.max_macs), ("--max-latency-ms", args.max_latency_ms)):
+        if value is not None and not value > 0:
+            return f"{flag}: must be a positive number, got {value:g}"
+    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
+        return f"--min-accuracy: must be a validation accuracy in [0, 1], got {args.min_accuracy:g}"
+    if args.model_name is not None and not args.model_name.strip():
+        return "--model-name: must not be empty"
+    return None
+
+
+def cmd_pick(args, console: Console) -> int:
+    problem = _pick_argument_error(args)
+    if problem:
+        console.print(f"[red]error[/] {problem}", highlight=False)
+        return EXIT_BAD_INPUT
+    from prunetune.search.pick import run_pick
+
+    return run_pick(args, console)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
@@ -96,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         handler = prune_cmd.cmd_prune if args.command == "prune" else prune_cmd.cmd_verify
         return prune_cmd.run(args, console, handler)
-    handler = {"search": cmd_search, "front": cmd_front}[args.command]
+    handler = {"search": cmd_search, "front": cmd_front, "pick": cmd_pick}[args.command]
     return handler(args, console)
 
 

@@ -91,7 +91,7 @@ def _vector(args, structure) -> PruningVector:
     )
 
 
-def _cost_table(before, after) -> Table:
+def cost_table(before, after) -> Table:
     table = Table(title="cost (batch 1 latency on this machine, 1 thread)")
     for col in ("", "MACs", "params", "peak act.", "latency ms", f"latency ms (batch {after.batch})"):
         table.add_column(col, justify="right")
@@ -107,7 +107,7 @@ def _cost_table(before, after) -> Table:
     return table
 
 
-def _export_table(records) -> Table:
+def export_table(records) -> Table:
     table = Table(title="exports")
     for col in ("format", "method", "max |diff|", "parity"):
         table.add_column(col)
@@ -117,10 +117,41 @@ def _export_table(records) -> Table:
     return table
 
 
+def ensure_empty_out(out: Path) -> None:
+    """--out must be absent or an empty folder: a command never mixes its files with others."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"--out {out}: exists and is not an empty folder")
+
+
+def write_subnet_folder(out: Path, spec, module: nn.Module, parent: nn.Module, x: torch.Tensor,
+                        xs: torch.Tensor, *, batch: int, repeats: int, console: Console,
+                        extra_files: dict[str, str] | None = None):
+    """Spec, weights, TorchScript + ONNX (parity-checked), cost.json and `extra_files` into `out`.
+
+    Everything is written to a staging folder first and copied to `out` only once complete, so
+    a failure leaves nothing half-written. `x` is the parent's example input, `xs` the subnet's.
+    Returns (export records, parent cost, subnet cost).
+    """
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        staging = Path(tmp)
+        save_subnet(staging, spec, module)
+        console.print("exporting TorchScript and ONNX, checking parity ...")
+        records = export_all(module, xs, staging)
+        before = measure_full_cost(parent, x, batch=batch, repeats=repeats)
+        after = measure_full_cost(module, xs, batch=batch, repeats=repeats)
+        (staging / "cost.json").write_text(json.dumps({"parent": before.__dict__, "subnet": after.__dict__}, indent=2))
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        shutil.copytree(staging, out)
+    return records, before, after
+
+
 def cmd_prune(args, console: Console) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise BadInput(f"--out {out}: exists and is not empty")
+    ensure_empty_out(out)
     parent = build_parent(args.model, in_channels=args.in_channels, num_classes=args.num_classes).eval()
     if args.checkpoint:
         try:
@@ -147,20 +178,10 @@ def cmd_prune(args, console: Console) -> int:
     spec = pruned.spec.model_copy(update={"parent_args": {"in_channels": args.in_channels,
                                                           "num_classes": args.num_classes}})
     xs = x if vector.resolution is None else torch.randn(1, x.shape[1], vector.resolution, vector.resolution)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        staging = Path(tmp)
-        save_subnet(staging, spec, pruned.module)
-        console.print("exporting TorchScript and ONNX, checking parity ...")
-        records = export_all(pruned.module, xs, staging)
-        before = measure_full_cost(parent, x, batch=args.batch, repeats=args.repeats)
-        after = measure_full_cost(pruned.module, xs, batch=args.batch, repeats=args.repeats)
-        (staging / "cost.json").write_text(json.dumps({"parent": before.__dict__, "subnet": after.__dict__}, indent=2))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        shutil.copytree(staging, out)
-    console.print(_cost_table(before, after))
-    console.print(_export_table(records))
+    records, before, after = write_subnet_folder(out, spec, pruned.module, parent, x, xs, batch=args.batch,
+                                                 repeats=args.repeats, console=console)
+    console.print(cost_table(before, after))
+    console.print(export_table(records))
     console.print(f"wrote {out}/: subnet.json, weights.safetensors, model.ts, model.onnx, cost.json")
     return 0 if all(r.ok for r in records.values()) else 1
 

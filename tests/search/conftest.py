@@ -10,3 +10,14 @@ def ray_local():
     connect(None, num_cpus=2)
     yield
     disconnect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _work_in_a_temp_folder(tmp_path_factory):
+    """Searches write MLflow artifacts (./mlruns) and Ray results relative to the working folder."""
+    import os
+
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
