@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from prunetune.search.constraints import ConstraintsConfig
 from prunetune.search.policy_space import PolicyConfig
 from prunetune.search.samplers import grid_values
 from prunetune.spaces import SpaceConfig
@@ -128,6 +129,8 @@ class ExperimentConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig,
+                                           description="hard cost bounds, checked before a candidate is trained")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     cache_dir: Path | None = Field(default=None, description="parent/data cache; default $PRUNETUNE_CACHE or ~/.cache/prunetune")
@@ -144,6 +147,8 @@ class ExperimentConfig(_Strict):
         metrics = [o.metric for o in self.objectives]
         if "latency_ms" in metrics and not self.cost.latency:
             raise ValueError("objectives: latency_ms needs cost.latency: true")
+        if self.constraints.max_latency_ms is not None and not self.cost.latency:
+            raise ValueError("constraints.max_latency_ms: needs cost.latency: true")
         if len(self.objectives) < 2 or len(set(metrics)) != len(metrics):
             raise ValueError("objectives: need at least two distinct metrics, e.g. val_acc/max and macs/min")
         return self

@@ -50,7 +50,7 @@ class SearchProgress(Callback):
     def _counts(self) -> str:
         states = [r.get("status") for r in self.records.values()]
         parts = [f"{states.count('finished')}/{self.total} done", f"{states.count('running')} running"]
-        parts += [f"{states.count(s)} {s}" for s in ("stopped", "error") if states.count(s)]
+        parts += [f"{states.count(s)} {s}" for s in ("infeasible", "stopped", "error") if states.count(s)]
         return ", ".join(parts)
 
     def _front(self) -> str:
@@ -76,7 +76,8 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         rec = self.records.setdefault(trial.trial_id, {"trial_id": trial.trial_id, **trial.config})
-        rec["status"] = "finished" if rec.get("trial_complete") else "stopped"
+        rec["status"] = ("finished" if rec.get("trial_complete") else
+                         "infeasible" if rec.get("infeasible") else "stopped")
         self.wall[trial.trial_id] = time.monotonic() - self.started.get(trial.trial_id, self.t0)
         rec["wall_s"] = self.wall[trial.trial_id]
         self._line(f"[bold]{trial.trial_id} {rec['status']}[/]: {_fmt_point(rec, self.objectives)}  "

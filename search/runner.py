@@ -111,7 +111,8 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     from prunetune.cluster.connect import connect
     connect(cfg.ray.address)
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from prunetune.search.optuna_search import PrunetuneOptunaSearch
 
     objectives = _objectives(cfg)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
@@ -121,7 +122,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     trials = min(cfg.budget.trials, grid_size(grid)) if grid is not None else cfg.budget.trials
     if trials < cfg.budget.trials:
         console.print(f"grid of {trials} points: {trials} trials instead of {cfg.budget.trials}")
-    searcher = OptunaSearch(space, metric=[o.metric for o in objectives],
+    searcher = PrunetuneOptunaSearch(space, metric=[o.metric for o in objectives],
                             mode=[o.mode for o in objectives], sampler=make_sampler(cfg, grid))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
                         parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import optuna
 
+from prunetune.search.constraints import constraints_func
+
 if TYPE_CHECKING:
     from prunetune.search.config import ExperimentConfig
 
@@ -50,12 +52,13 @@ def make_sampler(cfg: ExperimentConfig, grid: dict[str, list] | None = None) -> 
         if grid is None:
             raise ValueError("sampler.name: grid needs the search space's grid")
         return AskTellGridSampler(grid, seed=seed)
+    constrained = constraints_func if cfg.constraints.active else None
     if name == "nsga2":
         pop = cfg.sampler.population_size or max(4, cfg.budget.trials // 3)
-        return optuna.samplers.NSGAIISampler(population_size=pop, seed=seed)
+        return optuna.samplers.NSGAIISampler(population_size=pop, seed=seed, constraints_func=constrained)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, cfg.budget.trials // 4),
-                                          multivariate=True)
+                                          multivariate=True, constraints_func=constrained)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"sampler.name: unknown sampler {name!r}")

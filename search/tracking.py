@@ -20,6 +20,8 @@ T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "prunetune.trial_id"
 ROLE_TAG = "prunetune.role"
+STATUS_TAG = "prunetune.status"     # "infeasible" for a trial stopped by a hard constraint
+REASON_TAG = "prunetune.stop_reason"
 
 
 def default_uri(workdir: Path | None = None) -> str:
@@ -88,6 +90,10 @@ class ChildRun:
 
     def artifacts(self, local_dir: Path, artifact_path: str) -> None:
         retry(lambda: self.client.log_artifacts(self.run_id, str(local_dir), artifact_path))
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            retry(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
 
     def end(self, status: str) -> None:
         retry(lambda: self.client.set_terminated(self.run_id, status))

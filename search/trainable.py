@@ -18,7 +18,8 @@ from ray import tune
 
 from prunetune.search.config import ExperimentConfig
 from prunetune.search.policy_space import POLICY_KEY, resolve
-from prunetune.search.tracking import ChildRun, TrackingTarget
+from prunetune.search.constraints import VIOLATION_KEY
+from prunetune.search.tracking import REASON_TAG, STATUS_TAG, ChildRun, TrackingTarget
 from prunetune.spaces import ModelStructure, PruningVector, save_subnet
 from prunetune.trainers.data import load_splits, probe_indices
 from prunetune.trainers.models import build_model
@@ -68,6 +69,24 @@ def trial_params(cfg: ExperimentConfig, vector: PruningVector, policy: Policy, d
             "seed": cfg.seed, "model": cfg.model.name}
 
 
+def _cost_metrics(event: Materialized) -> dict:
+    c = event.cost
+    extra = {k: v for k, v in (("latency_ms", c.latency_ms), ("latency_ms_batch", c.latency_ms_batch),
+                               ("peak_activation_bytes", c.peak_activation_bytes)) if v is not None}
+    return {"macs": c.macs, "params": c.params, "cka": event.cka["mean"], **extra,
+            **{f"cka.{k}": v for k, v in event.cka.items() if k != "mean"}}
+
+
+def _stop_infeasible(run: ChildRun, metrics: dict, violations: dict[str, float]) -> None:
+    """End a trial that breaks a hard constraint before it is trained (see search.constraints)."""
+    reason = "; ".join(f"{k} exceeded by {v:.0%}" for k, v in violations.items())
+    final = {**metrics, VIOLATION_KEY: sum(violations.values()), "infeasible": 1}
+    run.metrics({k: v for k, v in final.items() if k not in ("mlflow_run_id", "epoch")}, step=0)
+    run.tags({STATUS_TAG: "infeasible", REASON_TAG: reason})
+    run.end("FINISHED")
+    tune.report(final)
+
+
 def run_trial(config: dict, ctx: SearchContext) -> None:
     """Ray Tune entry point (wrapped with `tune.with_parameters(run_trial, ctx=...)`)."""
     t_start = time.perf_counter()
@@ -90,6 +109,17 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
     in_report = False
     iterations: list[dict] = []   # the policy's rounds, also kept as policy/iterations.json
     try:
+        # Policies that know their subnet before training prune it now, so a candidate that
+        # breaks a hard constraint is never trained; the others are checked at Materialized.
+        preview = policy.preview(setup) if cfg.constraints.active else None
+        for event in [preview] if preview is not None else []:
+            base.update(_cost_metrics(event))
+            violations = cfg.constraints.violations(event.cost)
+            if violations:
+                in_report = True
+                _stop_infeasible(run, {**base, "epoch": 0, "val_acc": event.val_acc, "val_loss": event.val_loss,
+                                       "materialize_s": event.seconds}, violations)
+                return
         for event in run_candidate(setup):
             if isinstance(event, Iteration):
                 compute_s += event.seconds
@@ -99,14 +129,14 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
                 mlflow_s += time.perf_counter() - t0
                 continue
             if isinstance(event, Materialized):
-                extra = {k: v for k, v in (("latency_ms", event.cost.latency_ms),
-                                            ("latency_ms_batch", event.cost.latency_ms_batch),
-                                            ("peak_activation_bytes", event.cost.peak_activation_bytes))
-                         if v is not None}
-                base.update(macs=event.cost.macs, params=event.cost.params, cka=event.cka["mean"], **extra,
-                            **{f"cka.{k}": v for k, v in event.cka.items() if k != "mean"})
+                base.update(_cost_metrics(event))
                 metrics = {**base, "epoch": 0, "val_acc": event.val_acc, "val_loss": event.val_loss,
                            "materialize_s": event.seconds}
+                violations = cfg.constraints.violations(event.cost)
+                if violations:
+                    in_report = True
+                    _stop_infeasible(run, metrics, violations)
+                    return
             elif isinstance(event, Epoch):
                 s = event.stats
                 compute_s += s.seconds

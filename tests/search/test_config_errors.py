@@ -70,6 +70,9 @@ BAD = [
     (with_(policy={"name": "sap", "search": {"sap.scope": None}}), "search.sap.scope: has no default range"),
     (with_(policy={"search": {"distill.alpha": None}}), "search.distill.alpha"),
     (with_(policy={"search": {"distill.weight": {"low": 0.5}}}), "search.distill.weight"),
+    (with_(constraints={"max_macs": -1}), "constraints.max_macs"),
+    (with_(constraints={"max_flops": 1}), "constraints.max_flops: unknown key"),
+    (with_(constraints={"max_latency_ms": 2.0}, cost={"latency": False}), "constraints.max_latency_ms: needs cost.latency"),
 ]
 
 

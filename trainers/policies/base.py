@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import optuna
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from prunetune.trainers.trial import CandidateSetup, Event
+from prunetune.trainers.trial import CandidateSetup, Event, Materialized
 
 
 class PolicyParams(BaseModel):
@@ -45,6 +45,12 @@ class Policy(ABC):
     @abstractmethod
     def run(self, setup: CandidateSetup) -> Iterator[Event]:
         """[Iteration ...] Materialized, Epoch ..., Finished."""
+
+    def preview(self, setup: CandidateSetup) -> Materialized | None:
+        """The subnet's cost, CKA and accuracy before any training, for policies that know its
+        structure up front (the searched vector); None when training decides it. The search
+        checks hard constraints on it, so an infeasible candidate is never trained."""
+        return None
 
 
 POLICIES: dict[str, type[Policy]] = {}

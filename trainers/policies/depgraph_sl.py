@@ -21,6 +21,7 @@ from prunetune.spaces import prune
 from prunetune.spaces.backend import TorchPruningBackend
 from prunetune.spaces.importance import get_importance
 from prunetune.trainers.policies.base import Policy, PolicyParams, register_policy
+from prunetune.trainers.policies.joint import one_shot
 from prunetune.trainers.sap import pq_index
 from prunetune.trainers.trial import Iteration, credited_to_parent, example_input, finetune_and_test, measure, parent_structure, train
 
@@ -45,6 +46,10 @@ class DepGraphSLPolicy(Policy):
     search_space = {"reg": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
                     "alpha": optuna.distributions.FloatDistribution(0.0, 6.0)}
     test_params = {"sparse_epochs": 1}
+
+    def preview(self, setup):
+        t0 = time.perf_counter()
+        return measure(setup, one_shot(setup, setup.parent), t0)  # same widths as after sparse training
 
     def run(self, setup):
         import torch_pruning as tp

@@ -15,11 +15,23 @@ class JointPolicy(Policy):
 
     name = "joint"
 
-    def run(self, setup):
+    def preview(self, setup):
         t0 = time.perf_counter()
-        subnet = prune(setup.parent, setup.vector, example_input(setup), model_name=setup.model_name,
-                       importance=setup.importance, round_to=setup.round_to,
-                       block_criterion=setup.block_criterion, probes=setup.probes,
-                       structure=parent_structure(setup), seed=setup.seed)
-        yield measure(setup, subnet, t0)
+        subnet = one_shot(setup, setup.parent)
+        self._previewed = (setup, subnet, measure(setup, subnet, t0))  # run() continues from it
+        return self._previewed[2]
+
+    def run(self, setup):
+        previewed = getattr(self, "_previewed", None)
+        if previewed is None or previewed[0] is not setup:
+            self.preview(setup)
+        _, subnet, event = self._previewed
+        yield event
         yield from finetune_and_test(setup, subnet)
+
+
+def one_shot(setup, model):
+    """The candidate's vector applied to `model` (the parent, or a retrained copy of it)."""
+    return prune(model, setup.vector, example_input(setup), model_name=setup.model_name,
+                 importance=setup.importance, round_to=setup.round_to, block_criterion=setup.block_criterion,
+                 probes=setup.probes, structure=parent_structure(setup), seed=setup.seed)

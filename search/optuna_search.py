@@ -1,0 +1,18 @@
+"""Ray Tune's OptunaSearch, plus what prunetune tells Optuna beyond the objective values."""
+
+from __future__ import annotations
+
+from ray.tune.search.optuna import OptunaSearch
+
+from prunetune.search.constraints import ATTR, VIOLATION_KEY
+
+
+class PrunetuneOptunaSearch(OptunaSearch):
+    """Hands a trial's `constraint_violation` to Optuna (as the user attribute its samplers'
+    constraints_func reads) before the trial is told, so infeasible candidates rank last."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and result and VIOLATION_KEY in result:
+            ot_trial.set_user_attr(ATTR, [float(result[VIOLATION_KEY])])
+        return super().on_trial_complete(trial_id, result, error)
