@@ -79,6 +79,9 @@ def cmd_search(args, console: Console) -> int:
                   ("" if cfg.tracking.uri is None else f" --tracking-uri {uri}"))
     if uri.startswith("sqlite:"):
         console.print(f"  browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    from prunetune.search.tracking import optuna_storage_url
+    console.print(f"  Optuna:      optuna-dashboard {optuna_storage_url(uri, cfg.sampler.storage)} --host 127.0.0.1"
+                  "  (pip install optuna-dashboard)")
     if not outcome.front:
         console.print("[red]no trial finished[/]; see the errors above")
         return 1

@@ -88,6 +88,8 @@ class SamplerConfig(_Strict):
     name: Literal["nsga2", "tpe", "random", "grid"] = "nsga2"
     population_size: int | None = Field(default=None, ge=2,
                                         description="NSGA-II generation size; default max(4, trials // 3)")
+    storage: str | None = Field(default=None, description="Optuna RDB URL of the study; default beside the tracking "
+                                "database (sqlite `NAME.db` -> `NAME-optuna.db`), for optuna-dashboard")
 
 
 class ResourcesConfig(_Strict):

@@ -22,7 +22,8 @@ from prunetune.search.pareto import Objective, non_dominated_sort
 from prunetune.search.policy_space import SearchSpace
 from prunetune.search.progress import SearchProgress
 from prunetune.search.samplers import grid_size, grid_space, make_sampler
-from prunetune.search.tracking import TrackingTarget, default_uri, log_metrics, retry, start_search_run
+from prunetune.search.tracking import (TrackingTarget, default_uri, log_metrics, optuna_storage_url, retry,
+                                      start_search_run)
 from prunetune.search.trainable import SearchContext, run_trial
 from prunetune.spaces import describe, measure_full_cost, optuna_distributions
 from prunetune.spaces.cost_cache import CostCache
@@ -99,7 +100,8 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     target = start_search_run(uri, cfg.experiment_name, run_name=f"{cfg.name}-search", params={
         "model": cfg.model.name, "data": cfg.data.name, "trials": cfg.budget.trials,
         "concurrency": cfg.budget.concurrency, "sampler": cfg.sampler.name, "seed": cfg.seed,
-        "parent_id": info.parent_id, "objectives": ",".join(f"{o.metric}:{o.mode}" for o in cfg.objectives)},
+        "parent_id": info.parent_id, "optuna_storage": optuna_storage_url(uri, cfg.sampler.storage),
+        "objectives": ",".join(f"{o.metric}:{o.mode}" for o in cfg.objectives)},
         tags={"prunetune.config_name": cfg.name})
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
@@ -122,8 +124,13 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     trials = min(cfg.budget.trials, grid_size(grid)) if grid is not None else cfg.budget.trials
     if trials < cfg.budget.trials:
         console.print(f"grid of {trials} points: {trials} trials instead of {cfg.budget.trials}")
+    import optuna
+
+    study_url = optuna_storage_url(uri, cfg.sampler.storage)
     searcher = PrunetuneOptunaSearch(space, metric=[o.metric for o in objectives],
-                            mode=[o.mode for o in objectives], sampler=make_sampler(cfg, grid))
+                                     mode=[o.mode for o in objectives], sampler=make_sampler(cfg, grid),
+                                     storage=optuna.storages.RDBStorage(study_url),
+                                     study_name=f"{cfg.experiment_name}/{target.parent_run_id}")
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
                         parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),

@@ -28,6 +28,22 @@ def default_uri(workdir: Path | None = None) -> str:
     return f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
+def optuna_storage_url(tracking_uri: str, override: str | None = None) -> str:
+    """Where the search's Optuna study lives: beside the tracking database.
+
+    Not inside it: MLflow and Optuna both keep their schema version in a table named
+    `alembic_version`, so one database cannot hold both (Optuna refuses to open it). A sqlite
+    tracking file `DIR/NAME.db` gets `DIR/NAME-optuna.db`; any other tracking URI (an MLflow
+    server) gets `optuna.db` in the working folder, unless `sampler.storage` names one.
+    """
+    if override:
+        return override
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        return f"sqlite:///{path.with_name(path.stem + '-optuna' + (path.suffix or '.db'))}"
+    return f"sqlite:///{(Path.cwd() / 'optuna.db').resolve()}"
+
+
 def retry(fn: Callable[[], T], *, attempts: int = 6, delay: float = 0.5) -> T:
     """Retry a tracking call; sqlite briefly locks under concurrent writers, servers restart."""
     for i in range(attempts):

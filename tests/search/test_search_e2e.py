@@ -105,6 +105,18 @@ def test_front_artifacts_and_tags(search):
                        for a, m in finished)
 
 
+def test_optuna_study_lives_beside_the_tracking_database(search):
+    import optuna
+
+    cfg, outcome, _ = search
+    db = Path(cfg.tracking.uri.removeprefix("sqlite:///"))
+    storage = f"sqlite:///{db.with_name('mlflow-optuna.db')}"
+    study = optuna.load_study(study_name=f"e2e/{outcome.target.parent_run_id}", storage=storage)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == TRIALS and all(len(t.values) == 2 for t in done)
+    assert {r["val_acc"] for r in outcome.records} == {t.values[0] for t in done}
+
+
 def test_front_was_live_in_mlflow(search):
     cfg, outcome, client = search
     parent = outcome.target.parent_run_id
