@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search", help="run a pruning search from an experiment YAML")
     s.add_argument("config", help="experiment YAML (see docs/config.md)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue this config's unfinished search (finished trials are kept, not rerun)")
     f = sub.add_parser("front", help="print the Pareto front of an experiment's latest search")
     f.add_argument("experiment", help="MLflow experiment name (the config's `name` by default)")
     f.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
@@ -67,10 +69,15 @@ def cmd_search(args, console: Console) -> int:
         console.print(f"[red]config error[/] {err}", highlight=False)
         return EXIT_BAD_INPUT
     from prunetune.search.front import print_front
+    from prunetune.search.resume import NothingToResume
     from prunetune.search.runner import run_search
     from prunetune.search.tracking import default_uri
 
-    outcome = run_search(cfg, console=console)
+    try:
+        outcome = run_search(cfg, console=console, resume=args.resume)
+    except NothingToResume as err:
+        console.print(f"[red]cannot resume[/] {err}", highlight=False)
+        return EXIT_BAD_INPUT
     uri = cfg.tracking.uri or default_uri()
     print_front(outcome.front_doc, console, title=f"{cfg.name}: Pareto front")
     console.print(f"search finished in {outcome.wall_s:.0f}s; Ray results: {outcome.storage}")

@@ -21,6 +21,7 @@ from prunetune.search.live_front import LiveFront
 from prunetune.search.pareto import Objective, non_dominated_sort
 from prunetune.search.policy_space import SearchSpace
 from prunetune.search.progress import SearchProgress
+from prunetune.search.resume import CONFIG_HASH_TAG, config_hash, find_search, reopen
 from prunetune.search.samplers import grid_size, grid_space, make_sampler
 from prunetune.search.tracking import (TrackingTarget, default_uri, log_metrics, optuna_storage_url, retry,
                                       start_search_run)
@@ -64,12 +65,17 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> SearchOutcome:
+def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume: bool = False) -> SearchOutcome:
+    """Run the search of `cfg`; with `resume`, continue its unfinished search instead (see
+    `search.resume`; raises `NothingToResume` before any work when there is none)."""
     console = console or Console()
     _quiet_libraries()
     t0 = time.monotonic()
     cache = cache_dir_for(cfg)
     uri = cfg.tracking.uri or default_uri()
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    resumed_target = find_search(client, cfg, uri) if resume else None
     console.print(f"[bold]prunetune search[/] {cfg.name}: {cfg.model.name} on {cfg.data.name}, "
                   f"{cfg.budget.trials} trials, {cfg.budget.concurrency} at a time, sampler {cfg.sampler.name}")
 
@@ -97,18 +103,28 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
                   f"{info.test_acc:.3f}, {pcost.macs / 1e6:.2f}M MACs, {pcost.params / 1e6:.3f}M params"
                   + (f", {pcost.latency_ms:.2f} ms" if pcost.latency_ms is not None else ""))
 
-    target = start_search_run(uri, cfg.experiment_name, run_name=f"{cfg.name}-search", params={
-        "model": cfg.model.name, "data": cfg.data.name, "trials": cfg.budget.trials,
-        "concurrency": cfg.budget.concurrency, "sampler": cfg.sampler.name, "seed": cfg.seed,
-        "parent_id": info.parent_id, "optuna_storage": optuna_storage_url(uri, cfg.sampler.storage),
-        "objectives": ",".join(f"{o.metric}:{o.mode}" for o in cfg.objectives)},
-        tags={"prunetune.config_name": cfg.name})
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    log_metrics(client, target.parent_run_id, {f"parent_{k}": v for k, v in parent_rec.items()}, step=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        retry(lambda: client.log_artifacts(target.parent_run_id, tmp))
+    import optuna
+
+    study_url = optuna_storage_url(uri, cfg.sampler.storage)
+    done: list[dict] = []
+    if resumed_target is not None:
+        target = resumed_target
+        study = optuna.load_study(study_name=_study_name(cfg, target), storage=study_url)
+        resumed = reopen(client, target, study)
+        done = resumed.records
+        console.print(f"resuming search run {target.parent_run_id}: {len(done)} trials done, "
+                      f"{len(resumed.interrupted)} interrupted ({', '.join(resumed.interrupted) or 'none'})")
+    else:
+        target = start_search_run(uri, cfg.experiment_name, run_name=f"{cfg.name}-search", params={
+            "model": cfg.model.name, "data": cfg.data.name, "trials": cfg.budget.trials,
+            "concurrency": cfg.budget.concurrency, "sampler": cfg.sampler.name, "seed": cfg.seed,
+            "parent_id": info.parent_id, "optuna_storage": study_url,
+            "objectives": ",".join(f"{o.metric}:{o.mode}" for o in cfg.objectives)},
+            tags={"prunetune.config_name": cfg.name, CONFIG_HASH_TAG: config_hash(cfg)})
+        log_metrics(client, target.parent_run_id, {f"parent_{k}": v for k, v in parent_rec.items()}, step=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            retry(lambda: client.log_artifacts(target.parent_run_id, tmp))
 
     from prunetune.cluster.connect import connect
     connect(cfg.ray.address)
@@ -124,36 +140,39 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None) -> Sear
     trials = min(cfg.budget.trials, grid_size(grid)) if grid is not None else cfg.budget.trials
     if trials < cfg.budget.trials:
         console.print(f"grid of {trials} points: {trials} trials instead of {cfg.budget.trials}")
-    import optuna
-
-    study_url = optuna_storage_url(uri, cfg.sampler.storage)
     searcher = PrunetuneOptunaSearch(space, metric=[o.metric for o in objectives],
                                      mode=[o.mode for o in objectives], sampler=make_sampler(cfg, grid),
                                      storage=optuna.storages.RDBStorage(study_url),
-                                     study_name=f"{cfg.experiment_name}/{target.parent_run_id}")
+                                     study_name=_study_name(cfg, target))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
                         parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     progress = SearchProgress(objectives, trials, console)
+    progress.records.update({r["trial_id"]: r for r in done})
+    trials = max(0, trials - len(done))
     live = LiveFront(progress, objectives, target, parent=parent_rec, title=f"{cfg.name}: Pareto front")
     storage = cfg.ray.storage_path.expanduser().resolve()
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials,
-                                    max_concurrent_trials=cfg.budget.concurrency,
-                                    reuse_actors=cfg.ray.reuse_actors,
-                                    time_budget_s=cfg.budget.time_budget_s),
-        run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=0,
-                                  callbacks=[progress, live], log_to_file=True),
-    )
     console.print(f"policy: {', '.join(cfg.policy.names)}; search space: {', '.join(space.keys())}")
-    tuner.fit()
+    if trials:
+        tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials,
+                                        max_concurrent_trials=cfg.budget.concurrency,
+                                        reuse_actors=cfg.ray.reuse_actors,
+                                        time_budget_s=cfg.budget.time_budget_s),
+            run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=0,
+                                      callbacks=[progress, live], log_to_file=True),
+        ).fit()
 
     records = list(progress.records.values())
     outcome = _finish(cfg, client, target, records, objectives, live, storage / run_name, t0)
     return outcome
+
+
+def _study_name(cfg: ExperimentConfig, target: TrackingTarget) -> str:
+    return f"{cfg.experiment_name}/{target.parent_run_id}"
 
 
 def _finish(cfg, client, target, records, objectives, live: LiveFront, storage, t0) -> SearchOutcome:
