@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from prunetune.search.constraints import ConstraintsConfig
+from prunetune.search.early_selection import EarlySelectionConfig
 from prunetune.search.policy_space import PolicyConfig
 from prunetune.search.samplers import grid_values
 from prunetune.spaces import SpaceConfig
@@ -131,6 +132,8 @@ class ExperimentConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    early_stop: EarlySelectionConfig = Field(default_factory=EarlySelectionConfig,
+                                             description="CKA early selection and multi-objective successive halving")
     constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig,
                                            description="hard cost bounds, checked before a candidate is trained")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

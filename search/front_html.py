@@ -36,7 +36,7 @@ def _scale(values: Sequence[float]) -> tuple[float, float]:
 
 def render_front_html(records: Sequence[Mapping[str, Any]], front_ids: set[str], objectives: Sequence[Objective],
                       *, title: str, parent: Mapping[str, float] | None = None,
-                      extra_keys: Sequence[str] = ("policy", "test_acc", "cka", "params", "latency_ms", "status")) -> str:
+                      extra_keys: Sequence[str] = ("policy", "test_acc", "cka", "params", "latency_ms", "status", "stop_reason")) -> str:
     """The page as a string; x is the cost ("min") objective when the first two differ in mode."""
     first, second = objectives[0], objectives[1]
     xo, yo = (second, first) if first.mode == "max" and second.mode == "min" else (first, second)

@@ -22,19 +22,20 @@ from rich.console import Console
 from prunetune.search.front_report import write_front_artifacts
 from prunetune.search.pareto import Objective, non_dominated_sort, objective_values
 from prunetune.search.progress import SearchProgress
-from prunetune.search.tracking import TrackingTarget, log_metrics, retry
+from prunetune.search.tracking import REASON_TAG, STATUS_TAG, TrackingTarget, log_metrics, retry
 
 FRONT_ARTIFACTS = "front"
 
 
 class LiveFront(Callback):
     def __init__(self, progress: SearchProgress, objectives: Sequence[Objective], target: TrackingTarget, *,
-                 parent: Mapping[str, float], title: str):
+                 parent: Mapping[str, float], title: str, stop_reasons: Mapping[str, str] | None = None):
         self.progress = progress
         self.objectives = list(objectives)
         self.target = target
         self.parent = dict(parent)
         self.title = title
+        self.stop_reasons = stop_reasons if stop_reasons is not None else {}
         self.t0 = time.monotonic()
         self.ranks: dict[str, int] = {}
         self.updates = 0
@@ -55,6 +56,7 @@ class LiveFront(Callback):
         return self._client
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._record_stop(trial.trial_id)
         self.update()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -87,6 +89,22 @@ class LiveFront(Callback):
         except Exception as err:  # noqa: BLE001 - the search must not die with its bookkeeping
             Console().print(f"[yellow]live front not updated[/]: {type(err).__name__}: {err}", highlight=False)
             return {}
+
+    def _record_stop(self, trial_id: str) -> None:
+        """A trial stopped by early selection: its MLflow run is closed as KILLED with the reason."""
+        rec = self.progress.records.get(trial_id, {})
+        reason = self.stop_reasons.get(trial_id)
+        if rec.get("status") != "stopped" or reason is None:
+            return
+        rec["stop_reason"] = reason
+        run_id = rec.get("mlflow_run_id")
+        try:
+            if run_id:
+                retry(lambda: self.client.set_tag(run_id, STATUS_TAG, "early-stopped"))
+                retry(lambda: self.client.set_tag(run_id, REASON_TAG, reason))
+                retry(lambda: self.client.set_terminated(run_id, "KILLED"))
+        except Exception as err:  # noqa: BLE001 - the search must not die with its bookkeeping
+            Console().print(f"[yellow]stop reason not recorded[/]: {type(err).__name__}: {err}", highlight=False)
 
     def _retag(self, records: Sequence[dict]) -> None:
         finished = [r for r in records if r.get("status") == "finished"

@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 
 from prunetune.search.config import ExperimentConfig
+from prunetune.search.early_selection import make_scheduler
 from prunetune.search.live_front import LiveFront
 from prunetune.search.pareto import Objective, non_dominated_sort
 from prunetune.search.policy_space import SearchSpace
@@ -151,14 +152,17 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
     progress = SearchProgress(objectives, trials, console)
     progress.records.update({r["trial_id"]: r for r in done})
     trials = max(0, trials - len(done))
-    live = LiveFront(progress, objectives, target, parent=parent_rec, title=f"{cfg.name}: Pareto front")
+    cost_metric = next(o.metric for o in objectives if o.mode == "min")
+    scheduler = make_scheduler(cfg.early_stop, cost_metric) if cfg.early_stop.enabled else None
+    live = LiveFront(progress, objectives, target, parent=parent_rec, title=f"{cfg.name}: Pareto front",
+                     stop_reasons=scheduler.selection.reasons if scheduler else None)
     storage = cfg.ray.storage_path.expanduser().resolve()
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"policy: {', '.join(cfg.policy.names)}; search space: {', '.join(space.keys())}")
     if trials:
         tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, scheduler=scheduler,
                                         max_concurrent_trials=cfg.budget.concurrency,
                                         reuse_actors=cfg.ray.reuse_actors,
                                         time_budget_s=cfg.budget.time_budget_s),
