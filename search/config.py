@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from prunetune.search.constraints import ConstraintsConfig
 from prunetune.search.early_selection import EarlySelectionConfig
+from prunetune.search.numerical_gradient import GradientConfig
 from prunetune.search.policy_space import PolicyConfig
 from prunetune.search.samplers import grid_values
 from prunetune.spaces import SpaceConfig
@@ -23,6 +24,7 @@ from prunetune.spaces.cost import CostConfig
 from prunetune.trainers.data import DataConfig
 from prunetune.trainers.distill import DistillConfig
 from prunetune.trainers.models import build_model, is_known_model, model_names
+from prunetune.trainers.policies import POLICIES
 from prunetune.trainers.recipe import TrainRecipe
 
 class ConfigError(ValueError):
@@ -86,9 +88,11 @@ class BudgetConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
-    name: Literal["nsga2", "tpe", "random", "grid"] = "nsga2"
+    name: Literal["nsga2", "tpe", "random", "grid", "gradient"] = "nsga2"
     population_size: int | None = Field(default=None, ge=2,
                                         description="NSGA-II generation size; default max(4, trials // 3)")
+    gradient: GradientConfig = Field(default_factory=GradientConfig,
+                                     description="settings of the numerical-gradient searcher (name: gradient)")
     storage: str | None = Field(default=None, description="Optuna RDB URL of the study; default beside the tracking "
                                 "database (sqlite `NAME.db` -> `NAME-optuna.db`), for optuna-dashboard")
 
@@ -156,6 +160,16 @@ class ExperimentConfig(_Strict):
             raise ValueError("constraints.max_latency_ms: needs cost.latency: true")
         if len(self.objectives) < 2 or len(set(metrics)) != len(metrics):
             raise ValueError("objectives: need at least two distinct metrics, e.g. val_acc/max and macs/min")
+        return self
+
+    @model_validator(mode="after")
+    def _gradient_needs_a_vector_policy(self):
+        if self.sampler.name == "gradient":
+            names = self.policy.names
+            if len(names) > 1 or not POLICIES[names[0]].uses_vector:
+                raise ValueError(f"sampler.name: gradient moves the pruning vector; policy.name must be one policy "
+                                 f"that uses it ({', '.join(n for n, c in sorted(POLICIES.items()) if c.uses_vector)}), "
+                                 f"got {names}")
         return self
 
     @model_validator(mode="after")

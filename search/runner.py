@@ -19,10 +19,11 @@ from rich.console import Console
 from prunetune.search.config import ExperimentConfig
 from prunetune.search.early_selection import make_scheduler
 from prunetune.search.live_front import LiveFront
+from prunetune.search.numerical_gradient import NumericalGradient, coordinates, make_searcher, projector
 from prunetune.search.pareto import Objective, non_dominated_sort
 from prunetune.search.policy_space import SearchSpace
 from prunetune.search.progress import SearchProgress
-from prunetune.search.resume import CONFIG_HASH_TAG, config_hash, find_search, reopen
+from prunetune.search.resume import CONFIG_HASH_TAG, NothingToResume, config_hash, find_search, reopen
 from prunetune.search.samplers import grid_size, grid_space, make_sampler
 from prunetune.search.tracking import (TrackingTarget, default_uri, log_metrics, optuna_storage_url, retry,
                                       start_search_run)
@@ -76,6 +77,9 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
     uri = cfg.tracking.uri or default_uri()
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
+    if resume and cfg.sampler.name == "gradient":
+        raise NothingToResume("--resume needs an Optuna sampler (its study holds the search state); "
+                              "the gradient searcher keeps its state in memory")
     resumed_target = find_search(client, cfg, uri) if resume else None
     console.print(f"[bold]prunetune search[/] {cfg.name}: {cfg.model.name} on {cfg.data.name}, "
                   f"{cfg.budget.trials} trials, {cfg.budget.concurrency} at a time, sampler {cfg.sampler.name}")
@@ -141,10 +145,13 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
     trials = min(cfg.budget.trials, grid_size(grid)) if grid is not None else cfg.budget.trials
     if trials < cfg.budget.trials:
         console.print(f"grid of {trials} points: {trials} trials instead of {cfg.budget.trials}")
-    searcher = PrunetuneOptunaSearch(space, metric=[o.metric for o in objectives],
-                                     mode=[o.mode for o in objectives], sampler=make_sampler(cfg, grid),
-                                     storage=optuna.storages.RDBStorage(study_url),
-                                     study_name=_study_name(cfg, target))
+    if cfg.sampler.name == "gradient":
+        searcher = _gradient_searcher(cfg, space, parent, example, structure, pcost.macs)
+    else:
+        searcher = PrunetuneOptunaSearch(space, metric=[o.metric for o in objectives],
+                                         mode=[o.mode for o in objectives], sampler=make_sampler(cfg, grid),
+                                         storage=optuna.storages.RDBStorage(study_url),
+                                         study_name=_study_name(cfg, target))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
                         parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
@@ -173,6 +180,28 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
     records = list(progress.records.values())
     outcome = _finish(cfg, client, target, records, objectives, live, storage / run_name, t0)
     return outcome
+
+
+def _gradient_searcher(cfg, space, parent, example, structure, parent_macs):
+    """The numerical-gradient searcher, its MACs oracle built on the engine (pruning is cheap)."""
+    from prunetune.spaces import PruningVector, measure_cost, prune
+
+    g = cfg.sampler.gradient
+    coords = coordinates(space.vector)
+    cache: dict[tuple, float] = {}
+
+    def macs_of(flat: dict) -> float:
+        key = tuple(sorted(flat.items()))
+        if key not in cache:
+            vector = PruningVector.from_flat(flat)
+            sub = prune(parent, vector, example, structure=structure, round_to=cfg.space.round_to)
+            res = vector.resolution or example.shape[-1]
+            cache[key] = measure_cost(sub.module, in_channels=example.shape[1], resolution=res).macs
+        return cache[key]
+
+    project = projector(coords, macs_of, g.target_macs_ratio * parent_macs) if g.objective == "constraint" else None
+    opt = NumericalGradient(coords, g, project=project or (lambda x: x), seed=cfg.seed)
+    return make_searcher(opt, g, parent_macs, fixed={"policy": cfg.policy.names[0]})
 
 
 def _study_name(cfg: ExperimentConfig, target: TrackingTarget) -> str:

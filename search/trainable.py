@@ -145,7 +145,7 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
             else:
                 compute_s += event.seconds
                 metrics = {**base, "epoch": metrics["epoch"], "val_acc": metrics["val_acc"],
-                           "test_acc": event.test_acc, "test_loss": event.test_loss}
+                           "val_loss": metrics["val_loss"], "test_acc": event.test_acc, "test_loss": event.test_loss}
             t0 = time.perf_counter()
             logged = ({"test_acc": event.test_acc, "test_loss": event.test_loss} if isinstance(event, Finished)
                       else {k: v for k, v in metrics.items() if k not in ("mlflow_run_id", "epoch")})
