@@ -43,23 +43,13 @@ def test_quantile():
 
 
 @pytest.fixture(scope="module")
-def stopped_search(ray_local, tmp_path_factory, cache_dir):
+def stopped_search(ray_local, tmp_path_factory, digits_search):
     work = tmp_path_factory.mktemp("early")
-    cfg = parse_config({
-        "name": "early", "seed": 5,
-        "model": {"name": "cifar:resnet8"},
-        "data": {"name": "digits", "image_size": 12, "val_fraction": 0.15, "limit_train": 600},
-        "parent": {"recipe": {"epochs": 2, "batch_size": 64}},
-        "space": {"channel_ratio": {"low": 0.125, "high": 1.0, "step": 0.125}},
-        "sampler": {"name": "random"},
-        "early_stop": {"enabled": True, "warmup": 2, "dominated_by": 1, "bucket_quantile": None, "rungs": [1]},
-        "budget": {"trials": 8, "concurrency": 2},
-        "finetune": {"epochs": 2, "batch_size": 64},
-        "probes": {"size": 32}, "cost": {"latency": False},
-        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"},
-        "ray": {"storage_path": str(work / "ray_results")},
-        "cache_dir": str(cache_dir),
-    })
+    cfg = parse_config(digits_search(
+        work, "early", seed=5, space={"channel_ratio": {"low": 0.125, "high": 1.0, "step": 0.125}},
+        sampler={"name": "random"},
+        early_stop={"enabled": True, "warmup": 2, "dominated_by": 1, "bucket_quantile": None, "rungs": [1]},
+        budget={"trials": 8, "concurrency": 2}, finetune={"epochs": 2, "batch_size": 64}))
     return cfg, run_search(cfg), work
 
 

@@ -65,21 +65,11 @@ def test_needs_one_vector_policy():
         parse_config({**base, "sampler": {"name": "gradient"}, "policy": {"name": "sap"}})
 
 
-def test_drives_a_real_search(ray_local, tmp_path, cache_dir):
-    cfg = parse_config({
-        "name": "gradient", "seed": 0,
-        "model": {"name": "cifar:resnet8"},
-        "data": {"name": "digits", "image_size": 12, "val_fraction": 0.15, "limit_train": 500},
-        "parent": {"recipe": {"epochs": 2, "batch_size": 64}},
-        "space": {"resolutions": [8, 12]},
-        "sampler": {"name": "gradient", "gradient": {"pairs": 1, "target_macs_ratio": 0.5}},
-        "budget": {"trials": 6, "concurrency": 2},
-        "finetune": {"epochs": 1, "batch_size": 64},
-        "probes": {"size": 32}, "cost": {"latency": False},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "ray": {"storage_path": str(tmp_path / "ray_results")},
-        "cache_dir": str(cache_dir),
-    })
+def test_drives_a_real_search(ray_local, tmp_path, digits_search):
+    cfg = parse_config(digits_search(
+        tmp_path, "gradient", data={"name": "digits", "image_size": 12, "val_fraction": 0.15, "limit_train": 500},
+        space={"resolutions": [8, 12]}, budget={"trials": 6, "concurrency": 2},
+        sampler={"name": "gradient", "gradient": {"pairs": 1, "target_macs_ratio": 0.5}}))
     outcome = run_search(cfg)
     by_point = {r["gradient.point"]: r for r in outcome.records}
     assert set(by_point) == {"0:c", "0:+0", "0:-0", "1:c", "1:+0", "1:-0"}

@@ -89,27 +89,15 @@ def test_front_subnet_of_an_iterative_policy_rebuilds(search, cache_dir, tmp_pat
         assert acc == pytest.approx(rec["test_acc"], abs=1e-9)
 
 
-def test_hard_constraint_stops_infeasible_candidates_before_training(ray_local, tmp_path, cache_dir):
+def test_hard_constraint_stops_infeasible_candidates_before_training(ray_local, tmp_path, digits_search):
     """Half of the parent's MACs as a hard bound: candidates above it are never fine-tuned, are
     told to Optuna with their violation, carry the reason in MLflow and stay off the front."""
     from prunetune.spaces import measure_cost
     parent_macs = measure_cost(build_model("cifar:resnet8", in_channels=1, num_classes=10), in_channels=1,
                                resolution=12).macs
-    raw = {
-        "name": "constrained", "seed": 2,
-        "model": {"name": "cifar:resnet8"},
-        "data": {"name": "digits", "image_size": 12, "val_fraction": 0.15, "limit_train": 600},
-        "parent": {"recipe": {"epochs": 2, "batch_size": 64}},
-        "space": {"channel_ratio": {"low": 0.25, "high": 1.0, "step": 0.25}},
-        "constraints": {"max_macs": 0.5 * parent_macs},
-        "sampler": {"name": "random"},
-        "budget": {"trials": 6, "concurrency": 2},
-        "finetune": {"epochs": 1, "batch_size": 64},
-        "probes": {"size": 32}, "cost": {"latency": False},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "ray": {"storage_path": str(tmp_path / "ray_results")},
-        "cache_dir": str(cache_dir),
-    }
+    raw = digits_search(tmp_path, "constrained", seed=2, sampler={"name": "random"},
+                        space={"channel_ratio": {"low": 0.25, "high": 1.0, "step": 0.25}},
+                        constraints={"max_macs": 0.5 * parent_macs}, budget={"trials": 6, "concurrency": 2})
     outcome = run_search(parse_config(raw))
     client = MlflowClient(raw["tracking"]["uri"])
     children = _children(client, "constrained")
