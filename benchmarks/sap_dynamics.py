@@ -60,6 +60,7 @@ from prunetune.trainers.models import build_model  # noqa: E402
 from prunetune.trainers.policies.sap import _init_state, _prunable_weights  # noqa: E402
 from prunetune.trainers.recipe import TrainRecipe  # noqa: E402
 from prunetune.trainers.sap import SAPConfig, pq_index, sap_step  # noqa: E402
+from machine import FASHION_MNIST, cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 CPU = torch.device("cpu")
 MODELS = {"mlp": "paper:mlp", "cnn": "paper:cnn"}
@@ -335,15 +336,6 @@ def plot_comparison(results: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- report
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def _p(v: float) -> str:
     return f"{100 * v:.2f}%"
@@ -603,7 +595,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit-train", type=int, default=10000, help="seeded training subset (validation carved from it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replot", action="store_true", help="only rewrite sap.md and the plots from --out/sap.json")
-    ap.add_argument("--data-root", type=Path, default=Path("/work/shared/data/fashion-mnist"))
+    ap.add_argument("--data-root", type=Path, default=FASHION_MNIST)
     return ap.parse_args(argv)
 
 
@@ -623,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
                              seed=args.seed, cache_dir=Path(cache))
     results = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "settings": {"out": str(args.out), "limit_train": args.limit_train, "seed": args.seed,
                      "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test),

@@ -23,16 +23,7 @@ from mlflow.tracking import MlflowClient
 from prunetune.search.config import load_config
 from prunetune.search.runner import run_search
 from prunetune.search.tracking import ROLE_TAG
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 
 def measure(config: Path) -> dict:
@@ -69,7 +60,7 @@ def measure(config: Path) -> dict:
 
 
 def render(results: list[dict]) -> str:
-    head = (f"# Per-trial framework overhead\n\nMeasured {time.strftime('%Y-%m-%d')} on {_cpu()}, "
+    head = (f"# Per-trial framework overhead\n\nMeasured {time.strftime('%Y-%m-%d')} on {cpu_name()}, "
             f"{os.cpu_count()} cores, Python {platform.python_version()}, CPU only, by "
             "`benchmarks/trial_overhead.py`. Means over the finished trials of one search each.\n\n"
             "Overhead = everything in a trial's driver-observed wall time that is not fine-tuning or "
