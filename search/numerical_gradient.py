@@ -53,12 +53,16 @@ class Coordinate:
     values: list[Any] | None      # discrete values (depth, resolution), None for a continuous ratio
     low: float = 0.0
     high: float = 1.0
+    step: float | None = None     # ratios snap to low + k * step, as the other samplers' grid
 
     def decode(self, u: float) -> Any:
         u = min(max(u, 0.0), 1.0)
         if self.values is not None:
             return self.values[int(round(u * (len(self.values) - 1)))]
-        return self.low + u * (self.high - self.low)
+        value = self.low + u * (self.high - self.low)
+        if self.step:
+            value = min(self.high, self.low + round((value - self.low) / self.step) * self.step)
+        return value
 
 
 def coordinates(distributions: dict[str, optuna.distributions.BaseDistribution]) -> list[Coordinate]:
@@ -70,7 +74,7 @@ def coordinates(distributions: dict[str, optuna.distributions.BaseDistribution])
         elif isinstance(d, optuna.distributions.IntDistribution):
             out.append(Coordinate(key, list(range(d.low, d.high + 1, d.step))))
         else:
-            out.append(Coordinate(key, None, d.low, d.high))
+            out.append(Coordinate(key, None, d.low, d.high, d.step))
     return out
 
 

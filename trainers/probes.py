@@ -43,7 +43,13 @@ def probe_features(model: nn.Module, x: torch.Tensor, stages: Sequence[str], *, 
 
 
 def cka_to_parent(parent_feats: dict[str, torch.Tensor], child_feats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Linear CKA per shared layer plus their mean under the key "mean"."""
+    """Linear CKA per shared layer plus their mean under the key "mean". A stage whose pooled
+    output is the penultimate feature itself (the last stage of a ResNet) is reported but
+    counted once in the mean."""
     per_layer = {k: linear_cka(parent_feats[k], child_feats[k]) for k in parent_feats if k in child_feats}
-    per_layer["mean"] = sum(per_layer.values()) / max(len(per_layer), 1)
+    pen = parent_feats.get("penultimate")
+    counted = [v for k, v in per_layer.items()
+               if k == "penultimate" or pen is None or parent_feats[k].shape != pen.shape
+               or not torch.equal(parent_feats[k], pen)]
+    per_layer["mean"] = sum(counted) / max(len(counted), 1)
     return per_layer

@@ -42,6 +42,8 @@ def test_discrete_coordinates_round_to_valid_values():
                           "ch.s": optuna.distributions.FloatDistribution(0.25, 1.0)})
     assert [c.decode(0.49) for c in coords] == [2, 12, pytest.approx(0.6175)]
     assert [c.decode(1.7) for c in coords] == [3, 16, 1.0]
+    stepped = coordinates({"ch.s": optuna.distributions.FloatDistribution(0.25, 1.0, step=0.125)})[0]
+    assert stepped.decode(0.49) == pytest.approx(0.625) and stepped.decode(0.0) == 0.25
 
 
 def test_projection_scales_channels_into_the_budget():

@@ -114,3 +114,15 @@ def test_errors():
         minibatch_cka([])
     with pytest.raises(ValueError, match="kernel"):
         kernel_cka(x, x, kernel="poly")
+
+
+def test_mean_counts_a_stage_equal_to_the_penultimate_once():
+    from prunetune.trainers.probes import cka_to_parent
+
+    g = torch.Generator().manual_seed(0)
+    a, pen = torch.randn(50, 8, generator=g), torch.randn(50, 16, generator=g)
+    child_a, child_pen = torch.randn(50, 8, generator=g), pen + 0.1 * torch.randn(50, 16, generator=g)
+    out = cka_to_parent({"layer1": a, "layer3": pen, "penultimate": pen},
+                        {"layer1": child_a, "layer3": child_pen, "penultimate": child_pen})
+    assert out["layer3"] == out["penultimate"]
+    assert out["mean"] == pytest.approx((out["layer1"] + out["penultimate"]) / 2)
