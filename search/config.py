@@ -182,8 +182,7 @@ class ExperimentConfig(_Strict):
             r = getattr(self.space, key)
             if r.low < r.high and r.step is None:
                 raise ValueError(f"space.{key}.step: the grid sampler needs a step")
-        for key, rng in self.policy.search.items():
-            dist = self.policy.distributions()[key]
+        for key, dist in self.policy.distributions().items():
             try:
                 grid_values(dist, key)
             except ValueError as err:

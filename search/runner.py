@@ -20,7 +20,7 @@ from prunetune.search.config import ExperimentConfig
 from prunetune.search.early_selection import make_scheduler
 from prunetune.search.live_front import LiveFront
 from prunetune.search.numerical_gradient import NumericalGradient, coordinates, make_searcher, projector
-from prunetune.search.pareto import Objective, non_dominated_sort
+from prunetune.search.pareto import Objective
 from prunetune.search.policy_space import SearchSpace
 from prunetune.search.progress import SearchProgress
 from prunetune.search.resume import CONFIG_HASH_TAG, NothingToResume, config_hash, find_search, reopen
@@ -178,7 +178,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
         ).fit()
 
     records = list(progress.records.values())
-    outcome = _finish(cfg, client, target, records, objectives, live, storage / run_name, t0)
+    outcome = _finish(cfg, client, target, records, live, storage / run_name, t0)
     return outcome
 
 
@@ -208,15 +208,14 @@ def _study_name(cfg: ExperimentConfig, target: TrackingTarget) -> str:
     return f"{cfg.experiment_name}/{target.parent_run_id}"
 
 
-def _finish(cfg, client, target, records, objectives, live: LiveFront, storage, t0) -> SearchOutcome:
+def _finish(cfg, client, target, records, live: LiveFront, storage, t0) -> SearchOutcome:
     finished = [r for r in records if r.get("status") == "finished"]
-    ranks = non_dominated_sort([[r.get(o.metric) for o in objectives] for r in finished],
-                               [o.mode for o in objectives]) if finished else []
-    for r, rank in zip(finished, ranks):
-        r["pareto_rank"] = rank
     doc = live.update()  # final front artifacts, hypervolume and rank tags
     if not doc:
         raise RuntimeError("could not write the final Pareto front to MLflow (see the message above)")
+    for r in finished:
+        if r["trial_id"] in live.ranks:
+            r["pareto_rank"] = live.ranks[r["trial_id"]]
     hv = doc.get("hypervolume")
     walls = [r for r in finished if r.get("wall_s") and r.get("compute_s") is not None]
     summary = {"trials_finished": len(finished), "trials_failed": sum(r.get("status") == "error" for r in records),

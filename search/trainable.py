@@ -77,6 +77,11 @@ def _cost_metrics(event: Materialized) -> dict:
             **{f"cka.{k}": v for k, v in event.cka.items() if k != "mean"}}
 
 
+def _pruned_metrics(base: dict, event: Materialized) -> dict:
+    """The epoch-0 report: the pruned subnet before its final fine-tune."""
+    return {**base, "epoch": 0, "val_acc": event.val_acc, "val_loss": event.val_loss, "materialize_s": event.seconds}
+
+
 def _stop_infeasible(run: ChildRun, metrics: dict, violations: dict[str, float]) -> None:
     """End a trial that breaks a hard constraint before it is trained (see search.constraints)."""
     reason = "; ".join(f"{k} exceeded by {v:.0%}" for k, v in violations.items())
@@ -112,13 +117,12 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
         # Policies that know their subnet before training prune it now, so a candidate that
         # breaks a hard constraint is never trained; the others are checked at Materialized.
         preview = policy.preview(setup) if cfg.constraints.active else None
-        for event in [preview] if preview is not None else []:
-            base.update(_cost_metrics(event))
-            violations = cfg.constraints.violations(event.cost)
+        if preview is not None:
+            base.update(_cost_metrics(preview))
+            violations = cfg.constraints.violations(preview.cost)
             if violations:
                 in_report = True
-                _stop_infeasible(run, {**base, "epoch": 0, "val_acc": event.val_acc, "val_loss": event.val_loss,
-                                       "materialize_s": event.seconds}, violations)
+                _stop_infeasible(run, _pruned_metrics(base, preview), violations)
                 return
         for event in run_candidate(setup):
             if isinstance(event, Iteration):
@@ -130,8 +134,7 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
                 continue
             if isinstance(event, Materialized):
                 base.update(_cost_metrics(event))
-                metrics = {**base, "epoch": 0, "val_acc": event.val_acc, "val_loss": event.val_loss,
-                           "materialize_s": event.seconds}
+                metrics = _pruned_metrics(base, event)
                 violations = cfg.constraints.violations(event.cost)
                 if violations:
                     in_report = True

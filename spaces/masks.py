@@ -80,10 +80,3 @@ def apply_masks(model: nn.Module, masks: Masks) -> None:
         if k in params:
             params[k].mul_(m.to(params[k].device, params[k].dtype))
 
-
-def remaining(model: nn.Module, masks: Masks) -> tuple[int, int]:
-    """(unmasked entries, total entries) over the masked parameters present in `model`."""
-    params = dict(model.named_parameters())
-    kept = sum(int(m.count_nonzero()) for k, m in masks.items() if k in params)
-    total = sum(m.numel() for k, m in masks.items() if k in params)
-    return kept, total

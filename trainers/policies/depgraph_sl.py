@@ -18,10 +18,9 @@ import torch
 from pydantic import Field
 
 from prunetune.spaces import prune
-from prunetune.spaces.backend import TorchPruningBackend
-from prunetune.spaces.importance import get_importance
 from prunetune.trainers.policies.base import Policy, PolicyParams, register_policy
 from prunetune.trainers.policies.joint import one_shot
+from prunetune.trainers.policies.masked import channel_scores
 from prunetune.trainers.sap import pq_index
 from prunetune.trainers.trial import Iteration, credited_to_parent, example_input, finetune_and_test, measure, parent_structure, train
 
@@ -30,13 +29,6 @@ class DepGraphSLParams(PolicyParams):
     reg: float = Field(default=5e-4, gt=0, description="regularisation strength (paper's CIFAR recipe: 5e-4)")
     alpha: float = Field(default=4.0, ge=0, description="gamma spans [1, 2^alpha] within a group (paper: 4)")
     sparse_epochs: int = Field(default=1, ge=1, description="sparse-training epochs before pruning (paper: 100)")
-
-
-def _group_norms(model, example, classifier: str, roots: list[str]) -> torch.Tensor:
-    """L2 norm of every channel of the given groups, over all coupled slices (unnormalised)."""
-    backend = TorchPruningBackend(model, example, ignored=(classifier,))
-    scorer = get_importance("group_l2")
-    return torch.cat([backend.scores(r, scorer).detach().double().sqrt() for r in roots])
 
 
 @register_policy
@@ -73,7 +65,8 @@ class DepGraphSLPolicy(Policy):
         t1 = time.perf_counter()
         for stats in train(setup, model, cfg.sparse_epochs, after_backward=regularize):
             model.cpu().eval()
-            norms = _group_norms(model, example, structure.classifier, roots)
+            scores = channel_scores(model, example, structure.classifier, roots, "group_l2")
+            norms = torch.cat(list(scores.values())).sqrt()  # L2 norm per channel over all coupled slices
             yield Iteration(stats.epoch, {"val_acc": stats.val_acc, "train_loss": stats.train_loss,
                                           "group_norm_mean": float(norms.mean()),
                                           "group_norm_pqi": pq_index(norms, 0.5, 1.0),

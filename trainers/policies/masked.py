@@ -40,6 +40,7 @@ class MaskedNet:
                       if coupled or not g.coupled}
         self.alive: dict[str, list[int]] = {r: list(range(n)) for r, n in self.sizes.items()}
         self.masks: Masks = {}
+        self._macs: dict[tuple, int] = {}   # by structure (blocks removed, channels kept); shared by copies
 
     def copy(self) -> MaskedNet:
         other = copy.copy(self)
@@ -64,9 +65,7 @@ class MaskedNet:
 
     def channel_scores(self, importance: str = "l2") -> dict[str, torch.Tensor]:
         """{root: score per channel} on the current weights (switched-off channels score 0)."""
-        backend = TorchPruningBackend(self.model, self.example, ignored=(self.structure.classifier,))
-        scorer = get_importance(importance)
-        return {r: backend.scores(r, scorer).detach().double() for r in self.groups()}
+        return channel_scores(self.model, self.example, self.structure.classifier, self.groups(), importance)
 
     # -- removing ------------------------------------------------------------------------
     def drop_block(self, name: str) -> None:
@@ -107,6 +106,18 @@ class MaskedNet:
         return credited_to_parent(self.setup, pruned, provenance)
 
     def macs(self) -> int:
+        """MACs of the physical subnet; they depend only on which blocks and how many channels remain."""
         from prunetune.spaces.cost import measure_cost
 
-        return measure_cost(self.materialize("count").module, example_input=self.example).macs
+        key = (tuple(sorted(self.removed)), tuple(len(self.alive[r]) for r in self.groups()))
+        if key not in self._macs:
+            self._macs[key] = measure_cost(self.materialize("count").module, example_input=self.example).macs
+        return self._macs[key]
+
+
+def channel_scores(model: nn.Module, example: torch.Tensor, classifier: str, roots: list[str],
+                   importance: str) -> dict[str, torch.Tensor]:
+    """{root: one float64 score per channel of its group} for `model` as it is now."""
+    backend = TorchPruningBackend(model, example, ignored=(classifier,))
+    scorer = get_importance(importance)
+    return {r: backend.scores(r, scorer).detach().double() for r in roots}
