@@ -111,10 +111,32 @@ class TrackingConfig(_Strict):
     experiment: str | None = Field(default=None, description="MLflow experiment name; default: the config's name")
 
 
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "file")
+
+
 class RayConfig(_Strict):
-    address: str | None = Field(default=None, description="existing cluster (ray://... or HOST:PORT); none = embedded local Ray")
-    storage_path: Path = Path("ray_results")
+    address: str | None = Field(default=None, description="existing cluster (ray://... or HOST:PORT); none = the "
+                                "cluster of the Ray job this runs in (RAY_ADDRESS), else an embedded local Ray")
+    storage_path: str = Field(default="ray_results", description="where Ray Tune keeps trial checkpoints: a folder "
+                              "(on a cluster, one every node shares) or s3://, gs://, hdfs://, abfs:// storage")
+    max_failures: int = Field(default=2, ge=0, description="restarts of a trial after a failure (a lost node): it "
+                              "continues from its last fine-tune epoch checkpoint")
     reuse_actors: bool = True
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else None
+        if scheme is not None and scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"unsupported storage scheme {scheme!r}:// (use a folder or one of "
+                             f"{', '.join(s + '://' for s in STORAGE_SCHEMES)})")
+        return v
+
+    def storage_uri(self) -> str:
+        """The storage path as Ray Tune takes it: a URI unchanged, a folder made absolute."""
+        if "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path).expanduser().resolve())
 
 
 class ExperimentConfig(_Strict):

@@ -84,6 +84,11 @@ class SearchProgress(Callback):
                    f"[dim]({self._counts()})[/]")
         self.console.print(f"        front so far: {self._front()}", highlight=False, soft_wrap=True)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.records.setdefault(trial.trial_id, {"trial_id": trial.trial_id, **trial.config})["status"] = "running"
+        self._line(f"[yellow]{trial.trial_id} lost its worker[/]: restarting from its last checkpoint "
+                   f"[dim]({self._counts()})[/]")
+
     def on_trial_error(self, iteration, trials, trial, **info):
         rec = self.records.setdefault(trial.trial_id, {"trial_id": trial.trial_id, **trial.config})
         rec["status"] = "error"

@@ -43,7 +43,8 @@ class SearchOutcome:
     hypervolume: float | None
     front_doc: dict
     wall_s: float
-    storage: Path
+    storage: str       # the Tune experiment's folder or URI
+    study_url: str     # the Optuna study's storage
 
 
 def cache_dir_for(cfg: ExperimentConfig) -> Path:
@@ -110,7 +111,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
 
     import optuna
 
-    study_url = optuna_storage_url(uri, cfg.sampler.storage)
+    study_url = optuna_storage_url(uri, cfg.sampler.storage, folder=cache)
     done: list[dict] = []
     if resumed_target is not None:
         target = resumed_target
@@ -163,7 +164,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
     scheduler = make_scheduler(cfg.early_stop, cost_metric) if cfg.early_stop.enabled else None
     live = LiveFront(progress, objectives, target, parent=parent_rec, title=f"{cfg.name}: Pareto front",
                      stop_reasons=scheduler.selection.reasons if scheduler else None)
-    storage = cfg.ray.storage_path.expanduser().resolve()
+    storage = cfg.ray.storage_uri()
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"policy: {', '.join(cfg.policy.names)}; search space: {', '.join(space.keys())}")
     if trials:
@@ -173,12 +174,14 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
                                         max_concurrent_trials=cfg.budget.concurrency,
                                         reuse_actors=cfg.ray.reuse_actors,
                                         time_budget_s=cfg.budget.time_budget_s),
-            run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=0,
-                                      callbacks=[progress, live], log_to_file=True),
+            run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0,
+                                      callbacks=[progress, live], log_to_file=True,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         ).fit()
 
     records = list(progress.records.values())
-    outcome = _finish(cfg, client, target, records, live, storage / run_name, t0)
+    outcome = _finish(cfg, client, target, records, live, f"{storage.rstrip('/')}/{run_name}", t0, study_url)
     return outcome
 
 
@@ -208,7 +211,7 @@ def _study_name(cfg: ExperimentConfig, target: TrackingTarget) -> str:
     return f"{cfg.experiment_name}/{target.parent_run_id}"
 
 
-def _finish(cfg, client, target, records, live: LiveFront, storage, t0) -> SearchOutcome:
+def _finish(cfg, client, target, records, live: LiveFront, storage, t0, study_url) -> SearchOutcome:
     finished = [r for r in records if r.get("status") == "finished"]
     doc = live.update()  # final front artifacts, hypervolume and rank tags
     if not doc:
@@ -226,4 +229,4 @@ def _finish(cfg, client, target, records, live: LiveFront, storage, t0) -> Searc
     log_metrics(client, target.parent_run_id, summary, step=0)
     status = "FINISHED" if finished else "FAILED"
     retry(lambda: client.set_terminated(target.parent_run_id, status))
-    return SearchOutcome(target, records, doc.get("front", []), hv, doc, time.monotonic() - t0, storage)
+    return SearchOutcome(target, records, doc.get("front", []), hv, doc, time.monotonic() - t0, storage, study_url)

@@ -7,6 +7,7 @@ at once corrupt it). Trials open their child run with an explicit parent run id.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,23 +26,29 @@ REASON_TAG = "prunetune.stop_reason"
 
 
 def default_uri(workdir: Path | None = None) -> str:
-    return f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI when set (as MLflow itself does; how cluster jobs find the server),
+    else `mlflow.db` in the working folder."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env else f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
-def optuna_storage_url(tracking_uri: str, override: str | None = None) -> str:
+def optuna_storage_url(tracking_uri: str, override: str | None = None, *, folder: Path | None = None) -> str:
     """Where the search's Optuna study lives: beside the tracking database.
 
     Not inside it: MLflow and Optuna both keep their schema version in a table named
     `alembic_version`, so one database cannot hold both (Optuna refuses to open it). A sqlite
     tracking file `DIR/NAME.db` gets `DIR/NAME-optuna.db`; any other tracking URI (an MLflow
-    server) gets `optuna.db` in the working folder, unless `sampler.storage` names one.
+    server) gets `optuna.db` in `folder` (the search passes its cache folder, which outlives a
+    Ray job's temporary working dir, so `--resume` finds it), unless `sampler.storage` names one.
     """
     if override:
         return override
     if tracking_uri.startswith("sqlite:///"):
         path = Path(tracking_uri.removeprefix("sqlite:///"))
         return f"sqlite:///{path.with_name(path.stem + '-optuna' + (path.suffix or '.db'))}"
-    return f"sqlite:///{(Path.cwd() / 'optuna.db').resolve()}"
+    folder = (folder or Path.cwd()).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
 
 
 def retry(fn: Callable[[], T], *, attempts: int = 6, delay: float = 0.5) -> T:
@@ -89,14 +96,34 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 class ChildRun:
-    """A trial's MLflow run, nested under the search's parent run."""
+    """A trial's MLflow run, nested under the search's parent run.
 
-    def __init__(self, target: TrackingTarget, *, trial_id: str, run_name: str):
-        self.client = MlflowClient(target.uri)
-        self.run_id = retry(lambda: self.client.create_run(
+    `open` finds the trial's run before creating one, so a trial that Ray Tune restarts (its node
+    died before its first checkpoint) keeps one run instead of leaving a stale duplicate; `reopen`
+    continues the run named in a checkpoint.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def open(cls, target: TrackingTarget, *, trial_id: str, run_name: str) -> ChildRun:
+        client = MlflowClient(target.uri)
+        found = retry(lambda: client.search_runs(
+            [target.experiment_id], max_results=1,
+            filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{target.parent_run_id}'"))
+        if found:
+            return cls.reopen(target, found[0].info.run_id)
+        run = retry(lambda: client.create_run(
             target.experiment_id, run_name=run_name,
-            tags={PARENT_TAG: target.parent_run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"},
-        )).info.run_id
+            tags={PARENT_TAG: target.parent_run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}))
+        return cls(client, run.info.run_id)
+
+    @classmethod
+    def reopen(cls, target: TrackingTarget, run_id: str) -> ChildRun:
+        client = MlflowClient(target.uri)
+        retry(lambda: client.update_run(run_id, status="RUNNING"))
+        return cls(client, run_id)
 
     def params(self, params: Mapping[str, Any]) -> None:
         log_params(self.client, self.run_id, params)

@@ -7,6 +7,7 @@ vector and recipe, metrics per epoch, the subnet as spec + safetensors weights).
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -20,12 +21,14 @@ from prunetune.search.config import ExperimentConfig
 from prunetune.search.policy_space import POLICY_KEY, resolve
 from prunetune.search.constraints import VIOLATION_KEY
 from prunetune.search.tracking import REASON_TAG, STATUS_TAG, ChildRun, TrackingTarget
-from prunetune.spaces import ModelStructure, PruningVector, save_subnet
+from prunetune.search.trial_checkpoint import TrialProgress, read_checkpoint, write_checkpoint
+from prunetune.spaces import ModelStructure, Pruned, PruningVector, rebuild, save_subnet
 from prunetune.trainers.data import load_splits, probe_indices
 from prunetune.trainers.models import build_model
 from prunetune.trainers.distill import DistillConfig
 from prunetune.trainers.policies import Policy
-from prunetune.trainers.trial import CandidateSetup, Epoch, Finished, Iteration, Materialized, run_candidate
+from prunetune.trainers.trial import (CandidateSetup, Epoch, Finished, Iteration, Materialized, finetune_and_test,
+                                     run_candidate)
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,24 @@ def _stop_infeasible(run: ChildRun, metrics: dict, violations: dict[str, float])
     tune.report(final)
 
 
+def _restore(cfg: ExperimentConfig, setup: CandidateSetup) -> tuple[TrialProgress, Pruned, dict | None] | None:
+    """The trial's latest Tune checkpoint (after a node loss Tune restarts the trial with it), rebuilt."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        progress, spec, weights, state = read_checkpoint(Path(d))
+    module = rebuild(copy.deepcopy(setup.parent), spec)
+    module.load_state_dict(weights, strict=True)
+    return progress, Pruned(module, spec), state
+
+
 def run_trial(config: dict, ctx: SearchContext) -> None:
-    """Ray Tune entry point (wrapped with `tune.with_parameters(run_trial, ctx=...)`)."""
+    """Ray Tune entry point (wrapped with `tune.with_parameters(run_trial, ctx=...)`).
+
+    Every fine-tune epoch is reported with a checkpoint (`search.trial_checkpoint`); a trial
+    restarted from one continues its fine-tune and its MLflow run instead of starting over.
+    """
     t_start = time.perf_counter()
     cfg = ExperimentConfig.model_validate_json(ctx.config_json, context={"trusted": True})
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
@@ -103,28 +122,45 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
             and len(cfg.space.resolutions) == 1):
         vector = vector.model_copy(update={"resolution": cfg.space.resolutions[0]})
     trial_id = tune.get_context().get_trial_id()
-    t_mlflow = time.perf_counter()
-    run = ChildRun(ctx.target, trial_id=trial_id, run_name=f"trial-{trial_id}")
-    run.params(trial_params(cfg, vector, policy, distill))
-    mlflow_s = time.perf_counter() - t_mlflow
     setup = build_setup(cfg, ctx, vector, policy, distill)
+    restored = _restore(cfg, setup)
+    t_mlflow = time.perf_counter()
+    if restored is None:
+        run = ChildRun.open(ctx.target, trial_id=trial_id, run_name=f"trial-{trial_id}")
+        run.params(trial_params(cfg, vector, policy, distill))
+    else:
+        run = ChildRun.reopen(ctx.target, restored[0].mlflow_run_id)
+    mlflow_s = time.perf_counter() - t_mlflow
     setup_s = time.perf_counter() - t_start - mlflow_s
     base: dict = {"mlflow_run_id": run.run_id}
     compute_s = 0.0
     in_report = False
     iterations: list[dict] = []   # the policy's rounds, also kept as policy/iterations.json
     try:
-        # Policies that know their subnet before training prune it now, so a candidate that
-        # breaks a hard constraint is never trained; the others are checked at Materialized.
-        preview = policy.preview(setup) if cfg.constraints.active else None
-        if preview is not None:
-            base.update(_cost_metrics(preview))
-            violations = cfg.constraints.violations(preview.cost)
-            if violations:
+        if restored is not None:
+            progress, subnet, state = restored
+            base.update(progress.base)
+            compute_s, mlflow_s = progress.compute_s, progress.mlflow_s + mlflow_s
+            if progress.final is not None:   # it had finished; only Tune missed the news
+                run.end("FINISHED")
                 in_report = True
-                _stop_infeasible(run, _pruned_metrics(base, preview), violations)
+                tune.report(progress.final)
                 return
-        for event in run_candidate(setup):
+            events = finetune_and_test(setup, subnet, resume=state)
+            metrics = dict(progress.last)
+        else:
+            # Policies that know their subnet before training prune it now, so a candidate that
+            # breaks a hard constraint is never trained; the others are checked at Materialized.
+            preview = policy.preview(setup) if cfg.constraints.active else None
+            if preview is not None:
+                base.update(_cost_metrics(preview))
+                violations = cfg.constraints.violations(preview.cost)
+                if violations:
+                    in_report = True
+                    _stop_infeasible(run, _pruned_metrics(base, preview), violations)
+                    return
+            events = run_candidate(setup)
+        for event in events:
             if isinstance(event, Iteration):
                 compute_s += event.seconds
                 t0 = time.perf_counter()
@@ -156,7 +192,15 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
             if not isinstance(event, Finished):
                 mlflow_s += time.perf_counter() - t0
                 in_report = True
-                tune.report(metrics)
+                if isinstance(event, Epoch) and event.state is not None and event.subnet is not None:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        progress = TrialProgress(run.run_id, event.stats.epoch, _base_only(base), compute_s, mlflow_s,
+                                                 last=metrics)
+                        write_checkpoint(Path(tmp), progress, event.subnet.spec, event.subnet.module,
+                                         event.state())
+                        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+                else:
+                    tune.report(metrics)
                 in_report = False
                 continue
             with tempfile.TemporaryDirectory() as tmp:
@@ -172,12 +216,20 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
                           "setup_s": setup_s, "overhead_s": total - compute_s}
                 run.metrics(timing, step=metrics["epoch"])
                 run.end("FINISHED")
-                in_report = True
                 # "trial_complete" (not Tune's reserved "done") marks the result that carries test_acc.
-                tune.report({**metrics, **timing, "trial_complete": 1},
-                            checkpoint=tune.Checkpoint.from_directory(tmp))
+                final = {**metrics, **timing, "trial_complete": 1}
+                ckpt_dir = Path(tmp) / "checkpoint"
+                write_checkpoint(ckpt_dir, TrialProgress(run.run_id, metrics["epoch"], _base_only(base), compute_s,
+                                                         mlflow_s, final=final), event.subnet.spec,
+                                 event.subnet.module, None)
+                in_report = True
+                tune.report(final, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
                 in_report = False
     except BaseException:
         # An exception out of tune.report means Tune stopped this trial; anything else is a failure.
         run.end("KILLED" if in_report else "FAILED")
         raise
+
+
+def _base_only(base: dict) -> dict:
+    return {k: v for k, v in base.items() if k != "mlflow_run_id"}

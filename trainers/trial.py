@@ -10,7 +10,7 @@ MLflow logs, and may stop consuming at any point. The steps policies share live 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +24,7 @@ from prunetune.spaces.cost import CostConfig
 from prunetune.spaces.cost_cache import CostCache
 from prunetune.trainers.data import DataSplits
 from prunetune.trainers.distill import DistillConfig
-from prunetune.trainers.finetune import EpochStats, evaluate, train_epochs
+from prunetune.trainers.finetune import EpochStats, Trainer, evaluate, train_epochs
 from prunetune.trainers.probes import cka_to_parent, probe_features
 from prunetune.trainers.recipe import TrainRecipe
 
@@ -65,6 +65,10 @@ class Materialized:
 @dataclass(frozen=True)
 class Epoch:
     stats: EpochStats
+    # The fine-tune's resumable state after this epoch (optimiser, schedule, data order; the
+    # weights are the subnet's own): pass it back as `finetune_and_test(..., resume=)`.
+    state: Callable[[], dict] | None = field(default=None, compare=False, repr=False)
+    subnet: Pruned | None = field(default=None, compare=False, repr=False)   # the network being fine-tuned
 
 
 @dataclass(frozen=True)
@@ -153,15 +157,23 @@ def credited_to_parent(setup: CandidateSetup, subnet: Pruned, provenance: str) -
     return Pruned(subnet.module, spec)
 
 
-def finetune_and_test(setup: CandidateSetup, subnet: Pruned) -> Iterator[Epoch | Finished]:
-    """The final fine-tune every policy ends with (the `finetune` recipe), then test accuracy."""
+def finetune_and_test(setup: CandidateSetup, subnet: Pruned, *, resume: dict | None = None) -> Iterator[Epoch | Finished]:
+    """The final fine-tune every policy ends with (the `finetune` recipe), then test accuracy.
+
+    With `resume` (an `Epoch.state()` of an earlier run, `subnet` holding that epoch's
+    weights) it continues after that epoch instead of starting over: how a trial restored from
+    its checkpoint after losing its node picks up.
+    """
     splits = setup.splits
     res = subnet.spec.resolution
     model = subnet.module.to(setup.device)
     torch.manual_seed(setup.seed)
-    for stats in train_epochs(model, splits.train, splits.val, setup.recipe, device=setup.device,
-                              resolution=res, seed=setup.seed, teacher=setup.parent, distill=setup.distill):
-        yield Epoch(stats)
+    trainer = Trainer(model, splits.train, splits.val, setup.recipe, device=setup.device, resolution=res,
+                      seed=setup.seed, teacher=setup.parent, distill=setup.distill)
+    if resume is not None:
+        trainer.load_state_dict(resume)
+    for stats in trainer.epochs():
+        yield Epoch(stats, state=trainer.state_dict, subnet=subnet)
     t1 = time.perf_counter()
     test_acc, test_loss = evaluate(model, splits.test, device=setup.device, resolution=res)
     model.cpu().eval()
