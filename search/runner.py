@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume: bool = False) -> SearchOutcome:
+def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume: bool = False,
+               callbacks: Sequence[object] = ()) -> SearchOutcome:
     """Run the search of `cfg`; with `resume`, continue its unfinished search instead (see
-    `search.resume`; raises `NothingToResume` before any work when there is none)."""
+    `search.resume`; raises `NothingToResume` before any work when there is none). `callbacks`
+    are extra Ray Tune callbacks (`ray.tune.Callback`), run after prunetune's own."""
     console = console or Console()
     _quiet_libraries()
     t0 = time.monotonic()
@@ -175,7 +178,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
                                         reuse_actors=cfg.ray.reuse_actors,
                                         time_budget_s=cfg.budget.time_budget_s),
             run_config=tune.RunConfig(name=run_name, storage_path=storage, verbose=0,
-                                      callbacks=[progress, live], log_to_file=True,
+                                      callbacks=[progress, live, *callbacks], log_to_file=True,
                                       failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         ).fit()
