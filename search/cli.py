@@ -1,4 +1,4 @@
-"""`prunetune` command line: search, front, prune, verify, pick.
+"""`prunetune` command line: search, front, prune, verify, pick; cluster, launch, jobs (see cluster/cli.py).
 
 Exit codes: 0 success, 1 the search ran but failed, 2 bad input (config, arguments,
 unknown experiment). Heavy imports (torch, ray, mlflow) happen only after the input is valid.
@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--model-name", default=None, help="registered model name (default: EXPERIMENT-subnet)")
     pk.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
     pk.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty)")
+    from prunetune.cluster.cli import add_subcommands
+
+    add_subcommands(sub)  # cluster up|down|status, launch, jobs list|logs|stop
     return p
 
 
@@ -139,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
         handler = prune_cmd.cmd_prune if args.command == "prune" else prune_cmd.cmd_verify
         return prune_cmd.run(args, console, handler)
+    if args.command in ("cluster", "launch", "jobs"):
+        from prunetune.cluster.cli import run as run_cluster_command
+
+        return run_cluster_command(args, console)
     handler = {"search": cmd_search, "front": cmd_front, "pick": cmd_pick}[args.command]
     return handler(args, console)
 
