@@ -23,6 +23,7 @@ from prunetune.spaces import SpaceConfig
 from prunetune.spaces.cost import CostConfig
 from prunetune.trainers.data import DataConfig
 from prunetune.trainers.distill import DistillConfig
+from prunetune.trainers.distributed import DataParallel, DeepSpeedConfig, micro_batch_size
 from prunetune.trainers.models import build_model, is_known_model, model_names
 from prunetune.trainers.policies import POLICIES
 from prunetune.trainers.recipe import TrainRecipe
@@ -98,8 +99,33 @@ class SamplerConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    cpu: float = Field(default=1, gt=0)
-    gpu: float = Field(default=0, ge=0)
+    cpu: float = Field(default=1, gt=0, description="CPUs per trial (per DeepSpeed worker when `workers` > 1)")
+    gpu: float = Field(default=0, ge=0, description="GPUs per trial (per DeepSpeed worker when `workers` > 1: 0 or 1)")
+    workers: int = Field(default=1, ge=1, description="> 1: each candidate's final fine-tune runs data-parallel with "
+                         "DeepSpeed on this many workers (nccl with GPUs, gloo on CPU) in the trial's placement group")
+    trial_cpu: float = Field(default=1, gt=0, description="with DeepSpeed: CPUs of the trial process itself, which "
+                             "prunes, measures and drives the workers (bundle 0 of its placement group)")
+    deepspeed: DeepSpeedConfig | None = Field(default=None, description="ZeRO stage, bf16 and backend of the "
+                                              "multi-worker fine-tune; set it (or workers > 1) to fine-tune with DeepSpeed")
+
+    @model_validator(mode="after")
+    def _deepspeed(self):
+        if self.workers > 1 and self.deepspeed is None:
+            self.deepspeed = DeepSpeedConfig()
+        if self.deepspeed is not None:
+            if self.gpu not in (0, 1):
+                raise ValueError("resources.gpu: one DeepSpeed worker drives 0 or 1 GPU; ask for more workers")
+            try:
+                self.deepspeed.resolve_backend(self.gpu)
+            except ValueError as err:
+                raise ValueError(f"resources.{err}") from None
+        return self
+
+    @property
+    def data_parallel(self) -> DataParallel | None:
+        if self.deepspeed is None:
+            return None
+        return DataParallel(self.workers, self.cpu, self.gpu, self.deepspeed)
 
 
 class ProbesConfig(_Strict):
@@ -182,6 +208,15 @@ class ExperimentConfig(_Strict):
             raise ValueError("constraints.max_latency_ms: needs cost.latency: true")
         if len(self.objectives) < 2 or len(set(metrics)) != len(metrics):
             raise ValueError("objectives: need at least two distinct metrics, e.g. val_acc/max and macs/min")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self):
+        if self.resources.deepspeed is not None:
+            try:
+                micro_batch_size(self.finetune.batch_size, self.resources.workers)
+            except ValueError as err:
+                raise ValueError(f"finetune.batch_size: {err}") from None
         return self
 
     @model_validator(mode="after")

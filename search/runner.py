@@ -158,8 +158,7 @@ def run_search(cfg: ExperimentConfig, *, console: Console | None = None, resume:
                                          study_name=_study_name(cfg, target))
     ctx = SearchContext(config_json=cfg.model_dump_json(), parent_state=parent.state_dict(),
                         parent_id=info.parent_id, cache_dir=str(cache), target=target, structure=structure)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), _trial_resources(cfg))
     progress = SearchProgress(objectives, trials, console)
     progress.records.update({r["trial_id"]: r for r in done})
     trials = max(0, trials - len(done))
@@ -208,6 +207,17 @@ def _gradient_searcher(cfg, space, parent, example, structure, parent_macs):
     project = projector(coords, macs_of, g.target_macs_ratio * parent_macs) if g.objective == "constraint" else None
     opt = NumericalGradient(coords, g, project=project or (lambda x: x), seed=cfg.seed)
     return make_searcher(opt, g, parent_macs, fixed={"policy": cfg.policy.names[0]})
+
+
+def _trial_resources(cfg: ExperimentConfig):
+    """A trial's Ray resources: a CPU/GPU request, or with DeepSpeed a placement group (bundle 0
+    the trial, one bundle per worker; see `trainers.distributed.trial_resources`)."""
+    r = cfg.resources
+    if r.data_parallel is None:
+        return {"cpu": r.cpu, "gpu": r.gpu}
+    from prunetune.trainers.distributed import trial_resources
+
+    return trial_resources(r.workers, r.cpu, r.gpu, driver_cpus=r.trial_cpu)
 
 
 def _study_name(cfg: ExperimentConfig, target: TrackingTarget) -> str:

@@ -60,7 +60,8 @@ def build_setup(cfg: ExperimentConfig, ctx: SearchContext, vector: PruningVector
                           round_to=cfg.space.round_to, block_criterion=cfg.space.block_criterion,
                           model_name=cfg.model.name, seed=cfg.seed, device=_device(cfg),
                           cost=cfg.cost, cost_cache=Path(ctx.cache_dir) / "costs",
-                          distill=distill or cfg.distill, structure=ctx.structure, policy=policy)
+                          distill=distill or cfg.distill, structure=ctx.structure, policy=policy,
+                          data_parallel=cfg.resources.data_parallel)
 
 
 def trial_params(cfg: ExperimentConfig, vector: PruningVector, policy: Policy, distill: DistillConfig) -> dict:

@@ -54,10 +54,12 @@ DeepSpeed on CPU (measured with deepspeed 0.19.8, torch 2.14.1, no oneCCL):
   they hold a GPU) before importing deepspeed. The CPU accelerator's backend is "ccl" only with
   oneccl_bindings_for_pytorch installed, otherwise gloo; prunetune passes the backend explicitly.
 - `deepspeed.init_distributed` builds DeepSpeed's shared-memory communication op
-  (deepspeed_shm_comm, JIT: 42 s idle, 66 s loaded on a 2-core machine) once per machine; it is
-  cached under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py311_cpu/) and loads in
-  well under a second afterwards. The op is only used for inference all-reduce, and only when
-  LOCAL_SIZE equals the world size, which prunetune never sets (no /dev/shm segments).
+  (deepspeed_shm_comm, JIT: 42 s idle, 66-86 s loaded on a 2-core machine) when it finds it
+  compatible. It is cached under $TORCH_EXTENSIONS_DIR, but rebuilt whenever a process with other
+  compile flags loaded it last (seen here: two flag sets alternating between a test process and
+  Tune trial workers, a rebuild each time). The op is only used for inference all-reduce when
+  LOCAL_SIZE equals the world size, which prunetune never sets, so workers mark it incompatible
+  (`deepspeed.ops.__compatible_ops__`) and DeepSpeed skips it.
 - ZeRO stages 0, 1, 2 and 3 all train with gloo; the ranks end each step with identical weights.
   ZeRO with torch's SGD needs "zero_allow_untested_optimizer" (SGD's only state is momentum).
 
@@ -134,6 +136,16 @@ class DeepSpeedConfig(BaseModel):
         if self.gradient_clipping is not None:
             cfg["gradient_clipping"] = self.gradient_clipping
         return cfg
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """A candidate's multi-worker fine-tune: `workers` DeepSpeed ranks of `cpus`/`gpus` each."""
+
+    workers: int
+    cpus: float
+    gpus: float
+    ds: DeepSpeedConfig
 
 
 def micro_batch_size(batch_size: int, workers: int) -> int:
@@ -451,6 +463,9 @@ class _Worker:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
+        # Skip the shared-memory comm op (see the module docstring): unused here, and its JIT
+        # build costs about a minute and is redone whenever two processes' compile flags differ.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         t2 = time.perf_counter()
         deepspeed.init_distributed(dist_backend=plan.backend)   # wraps the process group made above
         t3 = time.perf_counter()

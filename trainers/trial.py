@@ -24,6 +24,7 @@ from prunetune.spaces.cost import CostConfig
 from prunetune.spaces.cost_cache import CostCache
 from prunetune.trainers.data import DataSplits
 from prunetune.trainers.distill import DistillConfig
+from prunetune.trainers.distributed import DataParallel, distributed_train_epochs
 from prunetune.trainers.finetune import EpochStats, Trainer, evaluate, train_epochs
 from prunetune.trainers.probes import cka_to_parent, probe_features
 from prunetune.trainers.recipe import TrainRecipe
@@ -51,6 +52,7 @@ class CandidateSetup:
     distill: DistillConfig = field(default_factory=DistillConfig)  # KD from the parent while fine-tuning
     cost_cache: Path | None = None            # latency/MACs cache folder, keyed by structure
     policy: Policy | None = None              # how the candidate is pruned; None = joint
+    data_parallel: DataParallel | None = None  # final fine-tune on several DeepSpeed workers
 
 
 @dataclass(frozen=True)
@@ -166,18 +168,36 @@ def finetune_and_test(setup: CandidateSetup, subnet: Pruned, *, resume: dict | N
     """
     splits = setup.splits
     res = subnet.spec.resolution
+    if setup.data_parallel is not None:
+        yield from _finetune_data_parallel(setup, subnet, resume)
+    else:
+        model = subnet.module.to(setup.device)
+        torch.manual_seed(setup.seed)
+        trainer = Trainer(model, splits.train, splits.val, setup.recipe, device=setup.device, resolution=res,
+                          seed=setup.seed, teacher=setup.parent, distill=setup.distill)
+        if resume is not None:
+            trainer.load_state_dict(resume)
+        for stats in trainer.epochs():
+            yield Epoch(stats, state=trainer.state_dict, subnet=subnet)
     model = subnet.module.to(setup.device)
-    torch.manual_seed(setup.seed)
-    trainer = Trainer(model, splits.train, splits.val, setup.recipe, device=setup.device, resolution=res,
-                      seed=setup.seed, teacher=setup.parent, distill=setup.distill)
-    if resume is not None:
-        trainer.load_state_dict(resume)
-    for stats in trainer.epochs():
-        yield Epoch(stats, state=trainer.state_dict, subnet=subnet)
     t1 = time.perf_counter()
     test_acc, test_loss = evaluate(model, splits.test, device=setup.device, resolution=res)
     model.cpu().eval()
     yield Finished(subnet, test_acc, test_loss, time.perf_counter() - t1)
+
+
+def _finetune_data_parallel(setup: CandidateSetup, subnet: Pruned, resume: dict | None) -> Iterator[Epoch]:
+    """The final fine-tune on DeepSpeed workers; the subnet takes each epoch's gathered weights.
+    Resuming restores the weights and the schedule's position, not SGD momentum (see
+    `trainers.distributed`)."""
+    dp = setup.data_parallel
+    start = int(resume["epoch"]) if resume is not None else 0
+    for stats, weights in distributed_train_epochs(
+            subnet.module.cpu(), setup.splits.train, setup.splits.val, setup.recipe, workers=dp.workers,
+            cpus_per_worker=dp.cpus, gpus_per_worker=dp.gpus, ds=dp.ds, resolution=subnet.spec.resolution,
+            seed=setup.seed, teacher=setup.parent, distill=setup.distill, start_epoch=start):
+        subnet.module.load_state_dict(weights)
+        yield Epoch(stats, state=lambda e=stats.epoch: {"epoch": e, "data_parallel": True}, subnet=subnet)
 
 
 def probe_stages(structure: ModelStructure) -> list[str]:
