@@ -74,14 +74,12 @@ def cmd_search(args, console: Console) -> int:
     from prunetune.search.front import print_front
     from prunetune.search.resume import NothingToResume
     from prunetune.search.runner import run_search
-    from prunetune.search.tracking import default_uri
-
     try:
         outcome = run_search(cfg, console=console, resume=args.resume)
     except NothingToResume as err:
         console.print(f"[red]cannot resume[/] {err}", highlight=False)
         return EXIT_BAD_INPUT
-    uri = cfg.tracking.uri or default_uri()
+    uri = outcome.target.uri
     print_front(outcome.front_doc, console, title=f"{cfg.name}: Pareto front")
     console.print(f"search finished in {outcome.wall_s:.0f}s; Ray results: {outcome.storage}")
     console.print(f"MLflow: experiment {cfg.experiment_name!r}, parent run {outcome.target.parent_run_id}")
@@ -89,8 +87,7 @@ def cmd_search(args, console: Console) -> int:
                   ("" if cfg.tracking.uri is None else f" --tracking-uri {uri}"))
     if uri.startswith("sqlite:"):
         console.print(f"  browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    from prunetune.search.tracking import optuna_storage_url
-    console.print(f"  Optuna:      optuna-dashboard {optuna_storage_url(uri, cfg.sampler.storage)} --host 127.0.0.1"
+    console.print(f"  Optuna:      optuna-dashboard {outcome.study_url} --host 127.0.0.1"
                   "  (pip install optuna-dashboard)")
     if not outcome.front:
         console.print("[red]no trial finished[/]; see the errors above")

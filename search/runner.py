@@ -62,6 +62,10 @@ def _objectives(cfg: ExperimentConfig) -> list[Objective]:
 def _quiet_libraries() -> None:
     import logging
 
+    # Keeping one checkpoint per trial makes Tune snapshot its state at every epoch report and
+    # then warn, at every report, that it snapshots often; the snapshots are small here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
