@@ -144,7 +144,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_cluster_command(args, console)
     handler = {"search": cmd_search, "front": cmd_front, "pick": cmd_pick}[args.command]
-    return handler(args, console)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return handler(args, console)
+    except MlflowException as err:
+        refused = err.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or any(
+            f"error code {c}" in str(err) for c in (401, 403))
+        if not refused:
+            raise
+        console.print(f"[red]error[/] the MLflow server refused the request ({err.error_code}): set "
+                      "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user it knows", highlight=False)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
