@@ -155,9 +155,9 @@ class LocalCluster:
         return node
 
     def kill_worker(self, i: int) -> Node:
-        """SIGKILL every process of worker `i` (0-based) at once: the node is lost, as when a
-        machine dies. Ray notices through missed heartbeats."""
-        node = self.worker_nodes[i]
+        """SIGKILL every process of the `i`-th live worker (0-based) at once: the node is lost, as
+        when a machine dies. Ray notices through missed heartbeats."""
+        node = [n for n in self.worker_nodes if not n.killed][i]
         left = processes.kill([node.leader])
         node.killed = True
         self._save()

@@ -1,8 +1,8 @@
 """Real local clusters for the cluster tests: `ray start` processes and an `mlflow server`.
 
 `local_cluster`: a head (0 CPUs, the dashboard/Jobs API, job drivers) and 2 worker nodes of
-1 CPU, token auth on, every socket on 127.0.0.1; one per test module, stopped at its end (a
-module may kill or add workers). `mlflow_server`: an MLflow server on 127.0.0.1 with a sqlite
+1 CPU, token auth on, every socket on 127.0.0.1; one for the whole session (starting one costs
+~15 s), stopped at its end; a test that kills a worker adds one back. `mlflow_server`: an MLflow server on 127.0.0.1 with a sqlite
 store in the module's temp folder. `cluster_env`: this process's environment pointed at the
 cluster (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, RAY_API_SERVER_ADDRESS), for CLI calls.
 """
@@ -15,7 +15,7 @@ from prunetune.cluster.local import LocalCluster
 from prunetune.cluster.mlflow_local import LocalMlflowServer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory):
     cluster = LocalCluster(workers=2, cpus_per_worker=1, state_dir=tmp_path_factory.mktemp("cluster-state"))
     cluster.up()
@@ -24,17 +24,23 @@ def local_cluster(tmp_path_factory):
     assert not cluster.survivors(), "processes of the local cluster survived down()"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     server = LocalMlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
 
 
+def point_at(mp: pytest.MonkeyPatch, cluster: LocalCluster) -> dict[str, str]:
+    """Set this process's environment as a user's shell pointed at `cluster` would be (and no
+    stray Ray address, token or tracking URI from the surrounding environment)."""
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
+        mp.delenv(k, raising=False)
+    for k, v in cluster.env().items():
+        mp.setenv(k, v)
+    return cluster.env()
+
+
 @pytest.fixture
 def cluster_env(local_cluster, monkeypatch):
-    for k in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in local_cluster.env().items():
-        monkeypatch.setenv(k, v)
-    return local_cluster.env()
+    return point_at(monkeypatch, local_cluster)

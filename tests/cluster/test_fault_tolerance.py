@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from prunetune.cluster import jobs
 from prunetune.search.cli import main
+
+from .conftest import point_at
 from prunetune.search.tracking import ROLE_TAG, STATUS_TAG, TRIAL_TAG
 
 pytestmark = pytest.mark.slow
@@ -37,10 +39,7 @@ def shared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(local_cluster):
     with pytest.MonkeyPatch.context() as mp:
-        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
-            mp.delenv(k, raising=False)
-        for k, v in local_cluster.env().items():
-            mp.setenv(k, v)
+        point_at(mp, local_cluster)
         yield local_cluster
 
 
@@ -78,14 +77,17 @@ def _steps(client: MlflowClient, run) -> list[int]:
     return [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
 
 
-def _wait_for(pred, what: str, timeout_s: float = 300):
+def _wait_for(pred, what: str, job: tuple, timeout_s: float = 300):
+    """Poll `pred`; on timeout fail with the job's status and the end of its logs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = pred()
         if got:
             return got
         time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    c, job_id = job
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; job {job_id} "
+                         f"{jobs.wait(c, job_id, timeout_s=0)}:\n{jobs.logs(c, job_id)[-4000:]}")
 
 
 def _one_finished_run_per_trial(client, runs, epochs: int) -> None:
@@ -109,7 +111,7 @@ def test_worker_node_killed_mid_search(cluster, mlflow_server, tmp_path, shared)
         ready = [r for r in running if max(_steps(client, r), default=-1) >= 1]
         return len(ready) >= 2
 
-    _wait_for(both_checkpointed, "two trials past their first fine-tune epoch")
+    _wait_for(both_checkpointed, "two trials past their first fine-tune epoch", (c, job))
     time.sleep(0.5)   # the epoch-1 checkpoint is reported right after the epoch's metrics
     cluster.kill_worker(0)
     status = jobs.wait(c, job, timeout_s=600)
@@ -132,7 +134,8 @@ def test_driver_killed_then_resumed_while_the_mlflow_server_restarts(cluster, ml
     c = jobs.client(cluster.dashboard_url)
     client = MlflowClient(mlflow_server.uri)
     first = _launch(cluster, config)
-    _wait_for(lambda: any(r.info.status == "FINISHED" for r in _trials(client, "ft-driver")), "a finished trial")
+    _wait_for(lambda: any(r.info.status == "FINISHED" for r in _trials(client, "ft-driver")), "a finished trial",
+              (c, first))
     assert jobs.stop(c, first)
     assert jobs.wait(c, first, timeout_s=120) == "STOPPED"
     before = {r.info.run_id: r for r in _trials(client, "ft-driver")}
@@ -140,7 +143,8 @@ def test_driver_killed_then_resumed_while_the_mlflow_server_restarts(cluster, ml
 
     second = _launch(cluster, config, "--resume")
     _wait_for(lambda: any(r.info.run_id not in before and max(_steps(client, r), default=-1) >= 1
-                          for r in _trials(client, "ft-driver")), "a trial of the resumed search past epoch 1")
+                          for r in _trials(client, "ft-driver")), "a trial of the resumed search past epoch 1",
+              (c, second))
     mlflow_server.restart()
     status = jobs.wait(c, second, timeout_s=600)
     logs = jobs.logs(c, second)

@@ -13,6 +13,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from prunetune.search.cli import main
+
+from .conftest import point_at
 from prunetune.search.tracking import PARENT_TAG, ROLE_TAG
 
 pytestmark = pytest.mark.slow
@@ -43,10 +45,7 @@ def launched(local_cluster, mlflow_server, tmp_path_factory):
     config = _small_quickstart(tmp_path_factory.mktemp("launch"), mlflow_server.uri)
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
-            mp.delenv(k, raising=False)
-        for k, v in local_cluster.env().items():
-            mp.setenv(k, v)
+        point_at(mp, local_cluster)
         code = main(["launch", str(config), "--address", local_cluster.dashboard_url, "--no-pip"])
     text = out.getvalue()
     job_id = next((w for w in text.split() if w.startswith("raysubmit_")), None)

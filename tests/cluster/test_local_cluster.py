@@ -25,15 +25,16 @@ def _loopback(ip: str) -> bool:
 
 def test_nodes_are_separate_raylets_on_loopback(local_cluster):
     nodes = {n["node_name"]: n for n in local_cluster.ray_nodes() if n["state"] == "ALIVE"}
-    assert set(nodes) == {"head", "worker-0", "worker-1"}
+    live = ["head"] + [n.name for n in local_cluster.worker_nodes if not n.killed]   # earlier tests kill/add
+    assert sorted(nodes) == sorted(live) and len(live) == 3
     assert len({n["node_id"] for n in nodes.values()}) == 3
     assert all(_loopback(n["node_ip"]) for n in nodes.values())
     assert nodes["head"]["is_head_node"] and "CPU" not in nodes["head"]["resources_total"]
-    assert nodes["worker-0"]["resources_total"]["CPU"] == nodes["worker-1"]["resources_total"]["CPU"] == 1
+    assert [nodes[w]["resources_total"]["CPU"] for w in live[1:]] == [1, 1]
     # each node its own ports and temp dir
     ports = [p for n in local_cluster.nodes for p in n.ports.values()]
     assert len(ports) == len(set(ports))
-    assert len({n.temp_dir for n in local_cluster.nodes}) == 3
+    assert len({n.temp_dir for n in local_cluster.nodes}) == len(local_cluster.nodes)
 
 
 def test_every_listening_socket_is_on_loopback(local_cluster):
@@ -90,7 +91,7 @@ def test_second_up_on_a_running_cluster_is_refused(local_cluster, capsys):
     assert main(["cluster", "up", "--workers", "1", "--state-dir", str(local_cluster.state_dir)]) == 2
     assert "cluster down" in capsys.readouterr().out
     assert local_cluster.state_file.is_file() and local_cluster.token_file.is_file()  # untouched
-    assert all(r["process_alive"] and r["ray_alive"] for r in local_cluster.status())
+    assert all(r["process_alive"] and r["ray_alive"] for r in local_cluster.status() if not r["killed"])
 
 
 @pytest.mark.parametrize("argv, key", [
@@ -106,11 +107,15 @@ def test_bad_up_arguments_exit_2(tmp_path, capsys, argv, key):
 
 
 def test_kill_worker_loses_the_node_and_add_worker_replaces_it(local_cluster):
-    """Last in this module: it changes the cluster."""
+    """It changes the (session's) cluster, and leaves it with as many live workers as before."""
+    names = [n.name for n in local_cluster.nodes]
+    live = [n.name for n in local_cluster.worker_nodes if not n.killed]
     lost = local_cluster.kill_worker(0)
+    assert lost.name == live[0]
     assert not processes.members([lost.leader])  # every process of that node, Ray workers included
-    assert [r["killed"] for r in local_cluster.status()] == [False, True, False]
+    killed = {r["name"]: r["killed"] for r in local_cluster.status()}
+    assert killed[lost.name] and not killed["head"] and not any(killed[n] for n in live[1:])
     new = local_cluster.add_worker()
-    assert new.name == "worker-2" and "worker-2" in local_cluster.node_ids()
+    assert new.name == f"worker-{len(names) - 1}" and new.name in local_cluster.node_ids()
     reloaded = LocalCluster.load(local_cluster.state_dir)  # what `cluster down` would stop
-    assert [n.name for n in reloaded.nodes] == ["head", "worker-0", "worker-1", "worker-2"]
+    assert [n.name for n in reloaded.nodes] == [*names, new.name]

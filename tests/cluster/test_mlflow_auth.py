@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from prunetune.cluster import jobs
 from prunetune.cluster.mlflow_local import LocalMlflowServer
 from prunetune.search.cli import main
+
+from .conftest import point_at
 from prunetune.search.tracking import ROLE_TAG
 
 pytestmark = pytest.mark.slow
@@ -66,10 +68,7 @@ def test_launched_search_logs_with_credentials_from_the_environment(auth_server,
     assert password not in config.read_text()
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
-            mp.delenv(k, raising=False)
-        for k, v in local_cluster.env().items():
-            mp.setenv(k, v)
+        point_at(mp, local_cluster)
         mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         mp.setenv("MLFLOW_TRACKING_PASSWORD", password)
         code = main(["launch", str(config), "--address", local_cluster.dashboard_url, "--no-pip",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -38,8 +37,3 @@ def test_restart_keeps_port_and_store_and_stop_leaves_nothing(tmp_path):
         LocalMlflowServer.load(tmp_path / "mlf")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flask_wtf") is not None, reason="Flask-WTF is installed")
-def test_basic_auth_without_flask_wtf_says_what_to_install(tmp_path):
-    with pytest.raises(MlflowServerError, match=r"mlflow\[auth\]"):
-        LocalMlflowServer(tmp_path / "mlf", basic_auth=True).start()
-    assert not (tmp_path / "mlf" / "mlflow.json").exists()
