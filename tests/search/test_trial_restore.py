@@ -36,9 +36,13 @@ def test_killed_trial_resumes_from_its_epoch_checkpoint(ray_local, tmp_path, dig
     raw = digits_search(tmp_path, "restore", budget={"trials": 2, "concurrency": 2},
                         finetune={"epochs": EPOCHS, "batch_size": 64})
     raw["ray"]["max_failures"] = 1
+    # A storage URI (as s3:// or gs:// would be) goes to Tune unchanged; here the local pyarrow
+    # filesystem, so the checkpoint is written and read back through the URI path.
+    raw["ray"]["storage_path"] = f"file://{tmp_path / 'uri_results'}"
     killer = KillAfterFirstEpoch()
     out = run_search(parse_config(raw), callbacks=[killer])
     assert len(killer.killed) == 1, "the fault was injected"
+    assert out.storage.startswith("file://") and list((tmp_path / "uri_results").glob("restore-*/*/checkpoint_*"))
     (victim,) = killer.killed
     assert all(r["status"] == "finished" for r in out.records), out.records
 
