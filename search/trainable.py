@@ -21,7 +21,8 @@ from prunetune.search.config import ExperimentConfig
 from prunetune.search.policy_space import POLICY_KEY, resolve
 from prunetune.search.constraints import VIOLATION_KEY
 from prunetune.search.tracking import REASON_TAG, STATUS_TAG, ChildRun, TrackingTarget
-from prunetune.search.trial_checkpoint import TrialProgress, read_checkpoint, write_checkpoint
+from prunetune.search.trial_checkpoint import (SUBNET_DIR, TrialProgress, read_checkpoint, write_checkpoint,
+                                               write_progress)
 from prunetune.spaces import ModelStructure, Pruned, PruningVector, rebuild, save_subnet
 from prunetune.trainers.data import load_splits, probe_indices
 from prunetune.trainers.models import build_model
@@ -96,7 +97,7 @@ def _stop_infeasible(run: ChildRun, metrics: dict, violations: dict[str, float])
     tune.report(final)
 
 
-def _restore(cfg: ExperimentConfig, setup: CandidateSetup) -> tuple[TrialProgress, Pruned, dict | None] | None:
+def _restore(setup: CandidateSetup) -> tuple[TrialProgress, Pruned, dict | None] | None:
     """The trial's latest Tune checkpoint (after a node loss Tune restarts the trial with it), rebuilt."""
     ckpt = tune.get_checkpoint()
     if ckpt is None:
@@ -116,7 +117,8 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
     """
     t_start = time.perf_counter()
     cfg = ExperimentConfig.model_validate_json(ctx.config_json, context={"trusted": True})
-    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    r = cfg.resources
+    torch.set_num_threads(max(1, int(r.trial_cpu if r.data_parallel is not None else r.cpu)))
     policy, distill = resolve(config, cfg.policy, cfg.distill)
     vector = PruningVector.from_flat(config)
     if (policy.uses_vector and vector.resolution is None and cfg.space.resolutions
@@ -124,7 +126,7 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
         vector = vector.model_copy(update={"resolution": cfg.space.resolutions[0]})
     trial_id = tune.get_context().get_trial_id()
     setup = build_setup(cfg, ctx, vector, policy, distill)
-    restored = _restore(cfg, setup)
+    restored = _restore(setup)
     t_mlflow = time.perf_counter()
     if restored is None:
         run = ChildRun.open(ctx.target, trial_id=trial_id, run_name=f"trial-{trial_id}")
@@ -205,8 +207,10 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
                 in_report = False
                 continue
             with tempfile.TemporaryDirectory() as tmp:
-                save_subnet(Path(tmp), event.subnet.spec, event.subnet.module)
-                run.artifacts(Path(tmp), "subnet")
+                # The subnet is written once: the MLflow artifact and the final checkpoint's subnet/.
+                ckpt_dir = Path(tmp)
+                save_subnet(ckpt_dir / SUBNET_DIR, event.subnet.spec, event.subnet.module)
+                run.artifacts(ckpt_dir / SUBNET_DIR, "subnet")
                 if iterations:
                     with tempfile.TemporaryDirectory() as log_dir:
                         (Path(log_dir) / "iterations.json").write_text(json.dumps(iterations, indent=1))
@@ -219,10 +223,8 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
                 run.end("FINISHED")
                 # "trial_complete" (not Tune's reserved "done") marks the result that carries test_acc.
                 final = {**metrics, **timing, "trial_complete": 1}
-                ckpt_dir = Path(tmp) / "checkpoint"
-                write_checkpoint(ckpt_dir, TrialProgress(run.run_id, metrics["epoch"], _base_only(base), compute_s,
-                                                         mlflow_s, final=final), event.subnet.spec,
-                                 event.subnet.module, None)
+                write_progress(ckpt_dir, TrialProgress(run.run_id, metrics["epoch"], _base_only(base), compute_s,
+                                                       mlflow_s, final=final))
                 in_report = True
                 tune.report(final, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
                 in_report = False

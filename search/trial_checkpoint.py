@@ -46,8 +46,13 @@ def write_checkpoint(out: Path, progress: TrialProgress, spec: SubnetSpec, modul
     save_subnet(out / SUBNET_DIR, spec, module)
     if state is not None:
         torch.save(state, out / STATE_FILE)
-    (out / TRIAL_FILE).write_text(json.dumps(asdict(progress), indent=1))
-    return out
+    return write_progress(out, progress)
+
+
+def write_progress(out: Path, progress: TrialProgress) -> Path:
+    """The checkpoint's `trial.json`; with `out/subnet/` already written, a complete final checkpoint."""
+    (Path(out) / TRIAL_FILE).write_text(json.dumps(asdict(progress), indent=1))
+    return Path(out)
 
 
 def read_checkpoint(src: Path) -> tuple[TrialProgress, SubnetSpec, dict[str, torch.Tensor], dict | None]:

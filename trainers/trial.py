@@ -171,9 +171,8 @@ def finetune_and_test(setup: CandidateSetup, subnet: Pruned, *, resume: dict | N
     if setup.data_parallel is not None:
         yield from _finetune_data_parallel(setup, subnet, resume)
     else:
-        model = subnet.module.to(setup.device)
         torch.manual_seed(setup.seed)
-        trainer = Trainer(model, splits.train, splits.val, setup.recipe, device=setup.device, resolution=res,
+        trainer = Trainer(subnet.module, splits.train, splits.val, setup.recipe, device=setup.device, resolution=res,
                           seed=setup.seed, teacher=setup.parent, distill=setup.distill)
         if resume is not None:
             trainer.load_state_dict(resume)
@@ -197,7 +196,7 @@ def _finetune_data_parallel(setup: CandidateSetup, subnet: Pruned, resume: dict 
             cpus_per_worker=dp.cpus, gpus_per_worker=dp.gpus, ds=dp.ds, resolution=subnet.spec.resolution,
             seed=setup.seed, teacher=setup.parent, distill=setup.distill, start_epoch=start):
         subnet.module.load_state_dict(weights)
-        yield Epoch(stats, state=lambda e=stats.epoch: {"epoch": e, "data_parallel": True}, subnet=subnet)
+        yield Epoch(stats, state=lambda e=stats.epoch: {"epoch": e}, subnet=subnet)
 
 
 def probe_stages(structure: ModelStructure) -> list[str]:

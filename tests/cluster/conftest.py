@@ -9,7 +9,10 @@ cluster (RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, RAY_API_SERVER_ADDRESS), for CLI ca
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from prunetune.cluster.local import LocalCluster
 from prunetune.cluster.mlflow_local import LocalMlflowServer
@@ -29,6 +32,29 @@ def mlflow_server(tmp_path_factory):
     server = LocalMlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     yield server
     server.stop()
+
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def small_quickstart(folder: Path, *, tracking_uri: str, cache: Path, name: str = "quickstart", trials: int = 2,
+                     parent_epochs: int = 1, finetune_epochs: int = 1, model: str | None = None,
+                     **ray) -> Path:
+    """configs/quickstart.yaml with a small budget, tracked on `tracking_uri`, written to
+    `folder/exp/NAME.yaml` (the folder `launch` ships). The job runs in a temporary copy of that
+    folder on the head node, so every path the search writes is absolute."""
+    cfg = yaml.safe_load(QUICKSTART.read_text())
+    cfg.update(name=name, budget={"trials": trials, "concurrency": 2}, probes={"size": 64},
+               tracking={"uri": tracking_uri}, cache_dir=str(cache),
+               ray={"storage_path": str(folder / "ray_results"), **ray})
+    if model:
+        cfg["model"]["name"] = model
+    cfg["parent"]["recipe"]["epochs"] = parent_epochs
+    cfg["finetune"]["epochs"] = finetune_epochs
+    (folder / "exp").mkdir()
+    path = folder / "exp" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
 
 
 def point_at(mp: pytest.MonkeyPatch, cluster: LocalCluster) -> dict[str, str]:

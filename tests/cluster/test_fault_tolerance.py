@@ -17,17 +17,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from prunetune.cluster import jobs
 from prunetune.search.cli import main
 
-from .conftest import point_at
+from .conftest import point_at, small_quickstart
 from prunetune.search.tracking import ROLE_TAG, STATUS_TAG, TRIAL_TAG
 
 pytestmark = pytest.mark.slow
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 TRIALS = 4
 
 
@@ -42,20 +40,6 @@ def cluster(local_cluster):
     with pytest.MonkeyPatch.context() as mp:
         point_at(mp, local_cluster)
         yield local_cluster
-
-
-def _config(folder: Path, name: str, uri: str, cache: Path, *, epochs: int) -> Path:
-    cfg = yaml.safe_load(QUICKSTART.read_text())
-    cfg.update(name=name, budget={"trials": TRIALS, "concurrency": 2}, probes={"size": 64},
-               tracking={"uri": uri}, cache_dir=str(cache),
-               ray={"storage_path": str(folder / "ray_results"), "max_failures": 3})
-    cfg["model"]["name"] = "cifar:resnet8"
-    cfg["parent"]["recipe"]["epochs"] = 2
-    cfg["finetune"]["epochs"] = epochs
-    (folder / "exp").mkdir()
-    path = folder / "exp" / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def _launch(cluster, config: Path, *extra: str) -> str:
@@ -112,7 +96,8 @@ def _one_finished_run_per_trial(client, runs, epochs: int) -> None:
 
 def test_worker_node_killed_mid_search(cluster, mlflow_server, tmp_path, shared):
     epochs = 6
-    config = _config(tmp_path, "ft-worker", mlflow_server.uri, shared, epochs=epochs)
+    config = small_quickstart(tmp_path, tracking_uri=mlflow_server.uri, cache=shared, name="ft-worker", trials=TRIALS,
+                              parent_epochs=2, finetune_epochs=epochs, model="cifar:resnet8", max_failures=3)
     c = jobs.client(cluster.dashboard_url)
     job = _launch(cluster, config)
     client = MlflowClient(mlflow_server.uri)
@@ -141,7 +126,8 @@ def test_worker_node_killed_mid_search(cluster, mlflow_server, tmp_path, shared)
 
 def test_driver_killed_then_resumed_while_the_mlflow_server_restarts(cluster, mlflow_server, tmp_path, shared):
     epochs = 4
-    config = _config(tmp_path, "ft-driver", mlflow_server.uri, shared, epochs=epochs)
+    config = small_quickstart(tmp_path, tracking_uri=mlflow_server.uri, cache=shared, name="ft-driver", trials=TRIALS,
+                              parent_epochs=2, finetune_epochs=epochs, model="cifar:resnet8", max_failures=3)
     c = jobs.client(cluster.dashboard_url)
     client = MlflowClient(mlflow_server.uri)
     first = _launch(cluster, config)

@@ -6,43 +6,24 @@ from __future__ import annotations
 import contextlib
 import io
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from prunetune.search.cli import main
-
-from .conftest import point_at
 from prunetune.search.tracking import PARENT_TAG, ROLE_TAG
 
+from .conftest import point_at, small_quickstart
+
 pytestmark = pytest.mark.slow
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
-
-
-def _small_quickstart(folder: Path, tracking_uri: str) -> Path:
-    """configs/quickstart.yaml with a tiny budget, tracking on the server, results under `folder`.
-    The job runs in a temporary copy of the config's folder on the head node, so every path
-    the search writes is absolute."""
-    cfg = yaml.safe_load(QUICKSTART.read_text())
-    cfg["budget"] = {"trials": 2, "concurrency": 2}
-    cfg["parent"]["recipe"]["epochs"] = 1
-    cfg["finetune"]["epochs"] = 1
-    cfg["probes"] = {"size": 64}
-    cfg["tracking"] = {"uri": tracking_uri}
-    cfg["ray"] = {"storage_path": str(folder / "ray_results")}
-    cfg["cache_dir"] = str(folder / "cache")
-    exp = folder / "exp"
-    exp.mkdir()
-    (exp / "quick.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return exp / "quick.yaml"
 
 
 @pytest.fixture(scope="module")
 def launched(local_cluster, mlflow_server, tmp_path_factory):
     """One real launch of the small quickstart: (exit code, output, job id, config)."""
-    config = _small_quickstart(tmp_path_factory.mktemp("launch"), mlflow_server.uri)
+    folder = tmp_path_factory.mktemp("launch")
+    config = small_quickstart(folder, tracking_uri=mlflow_server.uri, cache=folder / "cache")
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         point_at(mp, local_cluster)

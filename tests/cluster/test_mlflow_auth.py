@@ -7,21 +7,17 @@ from __future__ import annotations
 import contextlib
 import io
 import secrets
-from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from prunetune.cluster import jobs
 from prunetune.cluster.mlflow_local import LocalMlflowServer
 from prunetune.search.cli import main
 
-from .conftest import point_at
+from .conftest import point_at, small_quickstart
 from prunetune.search.tracking import ROLE_TAG
 
 pytestmark = pytest.mark.slow
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +51,8 @@ def test_requests_without_credentials_are_refused(auth_server, monkeypatch, caps
 
 def test_launched_search_logs_with_credentials_from_the_environment(auth_server, local_cluster, tmp_path):
     server, password = auth_server
-    cfg = yaml.safe_load(QUICKSTART.read_text())
-    cfg.update(name="auth", budget={"trials": 2, "concurrency": 2}, probes={"size": 64},
-               tracking={"uri": server.uri}, cache_dir=str(tmp_path / "cache"),
-               ray={"storage_path": str(tmp_path / "ray_results")})
-    cfg["model"]["name"] = "cifar:resnet8"
-    cfg["parent"]["recipe"]["epochs"] = 1
-    cfg["finetune"]["epochs"] = 1
-    (tmp_path / "exp").mkdir()
-    config = tmp_path / "exp" / "auth.yaml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config = small_quickstart(tmp_path, tracking_uri=server.uri, cache=tmp_path / "cache", name="auth",
+                              model="cifar:resnet8")
     assert password not in config.read_text()
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
